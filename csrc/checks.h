@@ -1,0 +1,238 @@
+// Argument checks shared by the CPU and CUDA implementations of every loracuda op.
+//
+// Each op's checks run before anything is allocated or written, so a rejected call leaves every
+// tensor as it was. Messages name the op and the argument: "loracuda.merge_: argument 'lora_b' ...".
+// Shapes use the notation of DESIGN.md: x [M, K], lora_a [R, K] with R = S * r (S slices),
+// lora_b [N, r], y [M, N], weight [N, K] (or [K, N] when transposed).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <optional>
+#include <vector>
+
+// Shape or value problems raise ValueError; dtype problems raise TypeError.
+#define LORACUDA_CHECK_ARG(cond, op, arg, ...) \
+  TORCH_CHECK_VALUE(cond, "loracuda.", op, ": argument '", arg, "' ", __VA_ARGS__)
+#define LORACUDA_CHECK_ARG_TYPE(cond, op, arg, ...) \
+  TORCH_CHECK_TYPE(cond, "loracuda.", op, ": argument '", arg, "' ", __VA_ARGS__)
+
+namespace loracuda {
+
+inline bool is_kernel_dtype(at::ScalarType t, bool allow_double) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || (allow_double && t == at::kDouble);
+}
+
+// fp64 inputs (CPU only; used by gradcheck) accumulate in fp64, all others in fp32.
+inline at::ScalarType accumulate_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* arg, const char* shape) {
+  LORACUDA_CHECK_ARG(t.dim() == dim, op, arg, "must be ", dim, "-D ", shape, ", got shape ", t.sizes());
+}
+
+inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* arg,
+                              const char* ref_arg) {
+  LORACUDA_CHECK_ARG(t.device() == ref.device(), op, arg, "is on ", t.device(), " but '", ref_arg, "' is on ",
+                     ref.device());
+}
+
+inline void check_value_dtype(const at::Tensor& t, const char* op, const char* arg) {
+  LORACUDA_CHECK_ARG_TYPE(is_kernel_dtype(t.scalar_type(), t.is_cpu()), op, arg,
+                          "must be float32, bfloat16 or float16", (t.is_cpu() ? " (or float64 on CPU)" : ""),
+                          ", got ", t.scalar_type());
+}
+
+// An adapter factor is stored in the activation's dtype or in float32 (fp32 master adapters).
+inline void check_adapter_dtype(const at::Tensor& t, at::ScalarType value_dtype, const char* op, const char* arg,
+                                const char* value_arg) {
+  LORACUDA_CHECK_ARG_TYPE(t.scalar_type() == value_dtype || t.scalar_type() == at::kFloat, op, arg,
+                          "must have the dtype of '", value_arg, "' (", value_dtype, ") or float32, got ",
+                          t.scalar_type());
+}
+
+// A mutated output must have unit column stride; any row stride >= its width is accepted.
+inline void check_row_major_output(const at::Tensor& t, const char* op, const char* arg) {
+  LORACUDA_CHECK_ARG(t.size(0) <= 1 || t.size(1) <= 1 || (t.stride(1) == 1 && t.stride(0) >= t.size(1)), op, arg,
+                     "must have unit stride along its last dimension (rows may be strided); got strides ",
+                     t.strides(), " for shape ", t.sizes());
+}
+
+inline void check_finite_scalar(double v, const char* op, const char* arg) {
+  LORACUDA_CHECK_ARG(std::isfinite(v), op, arg, "must be finite, got ", v);
+}
+
+// dropout_p in [0, 1); when p > 0 the seed is an int64 tensor with one element, on the CPU or on
+// the device of the activations.
+inline void check_dropout(double p, const std::optional<at::Tensor>& seed, const at::Tensor& x, const char* op) {
+  LORACUDA_CHECK_ARG(p >= 0.0 && p < 1.0, op, "dropout_p", "must be in [0, 1), got ", p);
+  if (p > 0.0) {
+    LORACUDA_CHECK_ARG(seed.has_value(), op, "seed", "is required when dropout_p > 0");
+  }
+  if (seed.has_value()) {
+    const at::Tensor& s = *seed;
+    LORACUDA_CHECK_ARG_TYPE(s.scalar_type() == at::kLong, op, "seed", "must be an int64 tensor, got ",
+                            s.scalar_type());
+    LORACUDA_CHECK_ARG(s.numel() == 1, op, "seed", "must have exactly one element, got shape ", s.sizes());
+    LORACUDA_CHECK_ARG(s.is_cpu() || s.device() == x.device(), op, "seed", "must be on the CPU or on ", x.device(),
+                       ", got ", s.device());
+  }
+}
+
+// Slice layout of a fused projection (q, k, v in one output): slice i reads h columns
+// [i * r, (i + 1) * r) and writes y columns [offsets[i], offsets[i + 1]). An empty list is one slice.
+inline std::vector<int64_t> check_slice_offsets(at::IntArrayRef slice_offsets, int64_t n, const char* op) {
+  if (slice_offsets.empty()) return {0, n};
+  LORACUDA_CHECK_ARG(slice_offsets.size() >= 2, op, "slice_offsets",
+                     "must be empty or hold S + 1 column offsets, got ", slice_offsets);
+  LORACUDA_CHECK_ARG(slice_offsets.front() == 0 && slice_offsets.back() == n, op, "slice_offsets",
+                     "must start at 0 and end at N = ", n, ", got ", slice_offsets);
+  for (size_t i = 1; i < slice_offsets.size(); ++i) {
+    LORACUDA_CHECK_ARG(slice_offsets[i] > slice_offsets[i - 1], op, "slice_offsets", "must be strictly increasing, got ",
+                       slice_offsets);
+  }
+  return slice_offsets.vec();
+}
+
+// ---- per-op checks ----------------------------------------------------------------------------
+
+// shrink: x [M, K], lora_a [R, K].
+inline void check_shrink_args(const at::Tensor& x, const at::Tensor& lora_a, double dropout_p,
+                              const std::optional<at::Tensor>& seed) {
+  const char* op = "shrink";
+  check_dim(x, 2, op, "x", "[M, K]");
+  check_dim(lora_a, 2, op, "lora_a", "[R, K]");
+  check_value_dtype(x, op, "x");
+  check_adapter_dtype(lora_a, x.scalar_type(), op, "lora_a", "x");
+  check_same_device(lora_a, x, op, "lora_a", "x");
+  LORACUDA_CHECK_ARG(x.size(1) >= 1, op, "x", "must have K >= 1 columns, got shape ", x.sizes());
+  LORACUDA_CHECK_ARG(lora_a.size(0) >= 1, op, "lora_a", "must have rank R >= 1 rows, got shape ", lora_a.sizes());
+  LORACUDA_CHECK_ARG(lora_a.size(1) == x.size(1), op, "lora_a", "must be [R, K] with K = ", x.size(1),
+                     " (from 'x'), got shape ", lora_a.sizes());
+  check_dropout(dropout_p, seed, x, op);
+}
+
+// expand_add_: y [M, N] += scale * h [M, S*r] (slice-wise) @ lora_b [N, r]^T. Returns the offsets.
+inline std::vector<int64_t> check_expand_add_args(const at::Tensor& y, const at::Tensor& h, const at::Tensor& lora_b,
+                                                  double scale, at::IntArrayRef slice_offsets) {
+  const char* op = "expand_add_";
+  check_dim(y, 2, op, "y", "[M, N]");
+  check_dim(h, 2, op, "h", "[M, S*r]");
+  check_dim(lora_b, 2, op, "lora_b", "[N, r]");
+  check_value_dtype(y, op, "y");
+  LORACUDA_CHECK_ARG_TYPE(h.scalar_type() == accumulate_dtype(y.scalar_type()), op, "h", "must be ",
+                          accumulate_dtype(y.scalar_type()), " (the accumulation dtype for 'y' of dtype ",
+                          y.scalar_type(), "), got ", h.scalar_type());
+  check_adapter_dtype(lora_b, y.scalar_type(), op, "lora_b", "y");
+  check_same_device(h, y, op, "h", "y");
+  check_same_device(lora_b, y, op, "lora_b", "y");
+  check_finite_scalar(scale, op, "scale");
+  check_row_major_output(y, op, "y");
+  const int64_t n = y.size(1);
+  LORACUDA_CHECK_ARG(lora_b.size(0) == n, op, "lora_b", "must be [N, r] with N = ", n, " (from 'y'), got shape ",
+                     lora_b.sizes());
+  LORACUDA_CHECK_ARG(lora_b.size(1) >= 1, op, "lora_b", "must have rank r >= 1 columns, got shape ", lora_b.sizes());
+  LORACUDA_CHECK_ARG(h.size(0) == y.size(0), op, "h", "must have M = ", y.size(0), " rows (from 'y'), got shape ",
+                     h.sizes());
+  auto offsets = check_slice_offsets(slice_offsets, n, op);
+  const int64_t slices = static_cast<int64_t>(offsets.size()) - 1;
+  LORACUDA_CHECK_ARG(h.size(1) == slices * lora_b.size(1), op, "h", "must have S * r = ", slices, " * ",
+                     lora_b.size(1), " columns, got shape ", h.sizes());
+  return offsets;
+}
+
+// merge_ / restore_codes / unmerge_exact_: weight [N, K] (or [K, N] when transposed),
+// lora_a [r, K], lora_b [N, r], both in the weight's dtype or float32.
+inline void check_merge_args(const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                             double scale, bool transposed, const char* op) {
+  check_dim(weight, 2, op, "weight", transposed ? "[K, N]" : "[N, K]");
+  check_dim(lora_a, 2, op, "lora_a", "[r, K]");
+  check_dim(lora_b, 2, op, "lora_b", "[N, r]");
+  check_value_dtype(weight, op, "weight");
+  check_adapter_dtype(lora_a, weight.scalar_type(), op, "lora_a", "weight");
+  LORACUDA_CHECK_ARG_TYPE(lora_b.scalar_type() == lora_a.scalar_type(), op, "lora_b", "must have the dtype of 'lora_a' (",
+                          lora_a.scalar_type(), "), got ", lora_b.scalar_type());
+  check_same_device(lora_a, weight, op, "lora_a", "weight");
+  check_same_device(lora_b, weight, op, "lora_b", "weight");
+  check_finite_scalar(scale, op, "scale");
+  LORACUDA_CHECK_ARG(weight.is_contiguous(), op, "weight", "must be contiguous (it is updated in place), got strides ",
+                     weight.strides(), " for shape ", weight.sizes());
+  const int64_t n = transposed ? weight.size(1) : weight.size(0);
+  const int64_t k = transposed ? weight.size(0) : weight.size(1);
+  LORACUDA_CHECK_ARG(lora_a.size(0) >= 1, op, "lora_a", "must have rank r >= 1 rows, got shape ", lora_a.sizes());
+  LORACUDA_CHECK_ARG(lora_a.size(1) == k, op, "lora_a", "must be [r, K] with K = ", k, " (from 'weight'",
+                     (transposed ? ", transposed" : ""), "), got shape ", lora_a.sizes());
+  LORACUDA_CHECK_ARG(lora_b.size(0) == n && lora_b.size(1) == lora_a.size(0), op, "lora_b", "must be [N, r] = [", n,
+                     ", ", lora_a.size(0), "], got shape ", lora_b.sizes());
+}
+
+// The restore record of an exact merge: 2 bits per weight element, 4 elements per byte.
+inline int64_t restore_code_bytes(int64_t numel) { return (numel + 3) / 4; }
+
+inline void check_restore_codes(const at::Tensor& weight, const at::Tensor& codes, const char* op) {
+  LORACUDA_CHECK_ARG_TYPE(codes.scalar_type() == at::kByte, op, "codes", "must be uint8, got ", codes.scalar_type());
+  check_same_device(codes, weight, op, "codes", "weight");
+  LORACUDA_CHECK_ARG(codes.dim() == 1 && codes.size(0) == restore_code_bytes(weight.numel()) && codes.is_contiguous(),
+                     op, "codes", "must be a contiguous 1-D tensor of ", restore_code_bytes(weight.numel()),
+                     " bytes (2 bits per element of 'weight'), got shape ", codes.sizes());
+}
+
+// backward: grad_y [M, N], x [M, K], h [M, R], lora_a [R, K], lora_b [N, r], grad_x [M, K] or None.
+// Returns the slice offsets.
+inline std::vector<int64_t> check_backward_args(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& h,
+                                                const at::Tensor& lora_a, const at::Tensor& lora_b, double scale,
+                                                double dropout_p, const std::optional<at::Tensor>& seed,
+                                                at::IntArrayRef slice_offsets,
+                                                const std::optional<at::Tensor>& grad_x) {
+  const char* op = "backward";
+  check_dim(grad_y, 2, op, "grad_y", "[M, N]");
+  check_dim(x, 2, op, "x", "[M, K]");
+  check_dim(h, 2, op, "h", "[M, R]");
+  check_dim(lora_a, 2, op, "lora_a", "[R, K]");
+  check_dim(lora_b, 2, op, "lora_b", "[N, r]");
+  check_value_dtype(x, op, "x");
+  LORACUDA_CHECK_ARG_TYPE(grad_y.scalar_type() == x.scalar_type(), op, "grad_y", "must have the dtype of 'x' (",
+                          x.scalar_type(), "), got ", grad_y.scalar_type());
+  LORACUDA_CHECK_ARG_TYPE(h.scalar_type() == accumulate_dtype(x.scalar_type()), op, "h", "must be ",
+                          accumulate_dtype(x.scalar_type()), ", got ", h.scalar_type());
+  check_adapter_dtype(lora_a, x.scalar_type(), op, "lora_a", "x");
+  check_adapter_dtype(lora_b, x.scalar_type(), op, "lora_b", "x");
+  for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{grad_y, "grad_y"}, {h, "h"}, {lora_a, "lora_a"},
+                         {lora_b, "lora_b"}}) {
+    check_same_device(t, x, op, name, "x");
+  }
+  check_finite_scalar(scale, op, "scale");
+  const int64_t m = x.size(0), k = x.size(1), n = grad_y.size(1);
+  LORACUDA_CHECK_ARG(grad_y.size(0) == m, op, "grad_y", "must have M = ", m, " rows (from 'x'), got shape ",
+                     grad_y.sizes());
+  LORACUDA_CHECK_ARG(lora_a.size(1) == k && lora_a.size(0) >= 1, op, "lora_a", "must be [R, K] with K = ", k,
+                     ", got shape ", lora_a.sizes());
+  LORACUDA_CHECK_ARG(h.size(0) == m && h.size(1) == lora_a.size(0), op, "h", "must be [M, R] = [", m, ", ",
+                     lora_a.size(0), "], got shape ", h.sizes());
+  LORACUDA_CHECK_ARG(lora_b.size(0) == n && lora_b.size(1) >= 1, op, "lora_b", "must be [N, r] with N = ", n,
+                     " (from 'grad_y'), got shape ", lora_b.sizes());
+  auto offsets = check_slice_offsets(slice_offsets, n, op);
+  const int64_t slices = static_cast<int64_t>(offsets.size()) - 1;
+  LORACUDA_CHECK_ARG(lora_a.size(0) == slices * lora_b.size(1), op, "lora_a", "must have S * r = ", slices, " * ",
+                     lora_b.size(1), " rows, got shape ", lora_a.sizes());
+  check_dropout(dropout_p, seed, x, op);
+  if (grad_x.has_value()) {
+    const at::Tensor& gx = *grad_x;
+    check_dim(gx, 2, op, "grad_x", "[M, K]");
+    LORACUDA_CHECK_ARG_TYPE(gx.scalar_type() == x.scalar_type(), op, "grad_x", "must have the dtype of 'x' (",
+                            x.scalar_type(), "), got ", gx.scalar_type());
+    check_same_device(gx, x, op, "grad_x", "x");
+    LORACUDA_CHECK_ARG(gx.size(0) == m && gx.size(1) == k, op, "grad_x", "must be [M, K] = [", m, ", ", k,
+                       "], got shape ", gx.sizes());
+    check_row_major_output(gx, op, "grad_x");
+  }
+  return offsets;
+}
+
+// The seed value when it lives on the CPU (a device seed is read by the kernel itself).
+inline uint64_t host_seed(const std::optional<at::Tensor>& seed) {
+  return seed.has_value() && seed->is_cpu() ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;
+}
+
+}  // namespace loracuda

@@ -1,0 +1,122 @@
+// Plain parameter structs shared by the CUDA host bindings (bindings.cpp, which sees torch) and the
+// kernels (*.cu, which do not). Pointers are device pointers; sizes and strides count elements;
+// every launcher runs on `stream`, makes no host synchronisation, and returns cudaGetLastError()
+// after its launches so the binding can raise with C10_CUDA_CHECK.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace loracuda {
+namespace cuda {
+
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// Dropout as the kernels see it (see csrc/dropout_hash.h). enabled == false is the exact
+// no-dropout path: no mask, no scaling.
+struct DropoutParams {
+  bool enabled = false;
+  uint32_t threshold = 0;              // keep iff (bits >> 8) >= threshold
+  float keep_scale = 1.0f;             // 1 / (1 - p), rounded to float32
+  const int64_t* seed_ptr = nullptr;   // device seed (read in the kernel: no host sync), or null
+  uint64_t seed_value = 0;             // the seed when it came from a CPU tensor
+};
+
+// h [M, R] (float32, row stride R) = (mask * x / q) [M, K] @ a^T, a [R, K] contiguous.
+struct ShrinkParams {
+  const void* x = nullptr;
+  int64_t x_row_stride = 0;            // elements between rows of x; x's column stride is 1
+  DType x_dtype = DType::kFloat32;
+  const void* a = nullptr;
+  DType a_dtype = DType::kFloat32;
+  float* h = nullptr;
+  int64_t m = 0, k = 0, rank = 0;      // rank = R = S * r
+  DropoutParams dropout;
+  float* workspace = nullptr;          // split-K partials, workspace_floats floats (may be null)
+  int64_t workspace_floats = 0;
+  int num_sms = 0;
+  cudaStream_t stream = nullptr;
+};
+
+// Up to this many slices in one fused projection (q, k, v, ...).
+constexpr int kMaxSlices = 8;
+
+// y [M, N] (row stride y_row_stride) += scale * h[:, i*r:(i+1)*r] @ b[off[i]:off[i+1], :]^T.
+struct ExpandParams {
+  void* y = nullptr;
+  int64_t y_row_stride = 0;
+  DType y_dtype = DType::kFloat32;
+  const float* h = nullptr;            // [M, S*r] contiguous float32
+  const void* b = nullptr;             // [N, r] contiguous
+  DType b_dtype = DType::kFloat32;
+  int64_t m = 0, n = 0, r = 0;
+  int num_slices = 1;
+  int64_t slice_offsets[kMaxSlices + 1] = {0};
+  float scale = 1.0f;
+  int num_sms = 0;
+  cudaStream_t stream = nullptr;
+};
+
+// weight [N, K] (transposed: [K, N]) contiguous; a [r, K], b [N, r] contiguous, same dtype.
+// delta[n, k] = scale * sum_j b[n, j] * a[j, k], float32, in a fixed order (bit-identical in every
+// kernel that computes it).
+enum class MergeMode : int {
+  kMerge = 0,          // weight = round(weight + delta)
+  kRestoreCodes = 1,   // codes only; weight untouched
+  kUnmergeExact = 2,   // weight = round(weight - delta), then the codes applied
+};
+
+struct MergeParams {
+  void* weight = nullptr;
+  DType weight_dtype = DType::kFloat32;
+  const void* a = nullptr;
+  const void* b = nullptr;
+  DType adapter_dtype = DType::kFloat32;
+  int64_t n = 0, k = 0, r = 0;
+  bool transposed = false;
+  float scale = 1.0f;
+  MergeMode mode = MergeMode::kMerge;
+  uint8_t* codes = nullptr;            // [ceil(N*K/4)] 2-bit codes, element e at byte e/4, bits 2*(e%4)
+  int num_sms = 0;
+  cudaStream_t stream = nullptr;
+};
+
+// The backward of one LoRA linear layer (see csrc/ops.cpp for the formulas).
+struct BackwardParams {
+  const void* grad_y = nullptr;        // [M, N], row stride grad_y_row_stride
+  int64_t grad_y_row_stride = 0;
+  const void* x = nullptr;             // [M, K], row stride x_row_stride
+  int64_t x_row_stride = 0;
+  DType value_dtype = DType::kFloat32; // dtype of grad_y, x, grad_x
+  const float* h = nullptr;            // [M, R] contiguous
+  const void* a = nullptr;             // [R, K] contiguous
+  DType a_dtype = DType::kFloat32;
+  const void* b = nullptr;             // [N, r] contiguous
+  DType b_dtype = DType::kFloat32;
+  void* grad_a = nullptr;              // [R, K] contiguous, a_dtype
+  void* grad_b = nullptr;              // [N, r] contiguous, b_dtype
+  void* grad_x = nullptr;              // [M, K] row stride grad_x_row_stride, or null
+  int64_t grad_x_row_stride = 0;
+  float* g = nullptr;                  // [M, R] float32 scratch: scale * grad_y @ b
+  float* workspace = nullptr;          // deterministic two-stage reduction partials
+  int64_t workspace_floats = 0;
+  int64_t m = 0, n = 0, k = 0, r = 0;
+  int num_slices = 1;
+  int64_t slice_offsets[kMaxSlices + 1] = {0};
+  float scale = 1.0f;
+  DropoutParams dropout;
+  int num_sms = 0;
+  cudaStream_t stream = nullptr;
+};
+
+// Launchers (csrc/cuda/{shrink,expand,merge,backward}.cu). The *_workspace_floats functions tell the
+// binding how much scratch to allocate (through the caching allocator) before the launch.
+int64_t shrink_workspace_floats(const ShrinkParams& p);
+cudaError_t launch_shrink(const ShrinkParams& p);
+cudaError_t launch_expand_add(const ExpandParams& p);
+cudaError_t launch_merge(const MergeParams& p);
+int64_t backward_workspace_floats(const BackwardParams& p);
+cudaError_t launch_backward(const BackwardParams& p);
+
+}  // namespace cuda
+}  // namespace loracuda

@@ -1,0 +1,96 @@
+"""lora_linear: the LoRA linear layer as one differentiable call.
+
+Forward is the op torch.ops.loracuda.lora_linear (base GEMM + shrink + expand-add in place); its
+autograd formula is registered here with torch.library.register_autograd. Saved for backward: x,
+h [M, R] (float32) and the dropout seed, besides the parameters; no dropout mask and no dropped copy
+of x. Backward: grad_x = grad_y @ weight by the base dgrad GEMM, then one loracuda.backward call adds
+the LoRA part into it in place and returns the adapter gradients.
+"""
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+_SEED_HIGH = 2**62
+
+
+def new_seed(device: torch.device) -> Tensor:
+    """A fresh dropout seed drawn from torch's generator on ``device`` (no host synchronisation, so it
+    traces under torch.compile; torch.utils.checkpoint replays it with the RNG state)."""
+    return torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=device)
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    seed: Union[None, int, Tensor] = None,
+    slice_offsets: Sequence[int] = (),
+) -> Tensor:
+    """y = x @ weight^T + bias + scale * (dropout(x) @ lora_a^T) @ lora_b^T.
+
+    x [..., K] in float32 / bfloat16 / float16 (float64 on the CPU); weight [N, K] in x's dtype, frozen
+    by convention (its gradient is computed only if it requires one); bias [N] or None; lora_a [R, K]
+    and lora_b [N, r] in x's dtype or float32, with R = S * r for S slices (``slice_offsets``, S + 1
+    output column offsets; empty for one). Dropout applies to the adapter's input only, when
+    ``training`` and ``dropout_p > 0``; ``seed`` (int or int64 tensor) fixes the mask, else a fresh
+    seed is drawn. Returns y [..., N] in x's dtype.
+    """
+    p = float(dropout_p) if training else 0.0
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"loracuda.lora_linear: argument 'dropout_p' must be in [0, 1), got {dropout_p}")
+    if x.dim() < 1:
+        raise ValueError("loracuda.lora_linear: argument 'x' must have at least one dimension [..., K]")
+    seed_t = None
+    if p > 0.0:
+        seed_t = new_seed(x.device) if seed is None else ops.seed_tensor(seed, x.device)
+    lead = x.shape[:-1]
+    y, _ = torch.ops.loracuda.lora_linear(
+        x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, float(scale), p, seed_t, list(slice_offsets)
+    )
+    return y.reshape(*lead, y.shape[-1])
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, slice_offsets = inputs
+    _, h = output
+    ctx.save_for_backward(x, weight, lora_a, lora_b, h, seed)
+    ctx.scale = scale
+    ctx.dropout_p = dropout_p
+    ctx.slice_offsets = slice_offsets
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_y, grad_h):
+    x, weight, lora_a, lora_b, h, seed = ctx.saved_tensors
+    need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+    grad_x = grad_y @ weight if need_x else None  # base dgrad GEMM; the LoRA part is added in place
+    grad_a = grad_b = None
+    if need_x or need_a or need_b:
+        grad_a, grad_b = torch.ops.loracuda.backward(
+            grad_y, x, h, lora_a, lora_b, ctx.scale, ctx.dropout_p, seed, ctx.slice_offsets, grad_x
+        )
+    grad_w = grad_y.t() @ x if need_w else None
+    grad_bias = grad_y.sum(0) if (need_bias and ctx.has_bias) else None
+    return (
+        grad_x,
+        grad_w,
+        grad_bias,
+        grad_a if need_a else None,
+        grad_b if need_b else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd("loracuda::lora_linear", _backward, setup_context=_setup_context)

@@ -1,0 +1,134 @@
+"""Typed Python wrappers over the torch.ops.loracuda ops, and their fake (meta) implementations.
+
+Notation (DESIGN.md §3): x [M, K] activations; lora_a [R, K] where R = S * r stacks S slices of rank r;
+lora_b [N, r]; h [M, R]; y [M, N]; weight [N, K] ([K, N] when ``transposed``). Activations are
+float32, bfloat16 or float16 (float64 on the CPU, for gradcheck); adapter factors are in the
+activations' dtype or float32. Accumulation is float32 (float64 for float64 inputs), so ``h`` is
+float32. Every op runs on the current CUDA stream without a host synchronisation.
+
+Dropout: ``seed`` is an int64 tensor of one element (on the CPU or on the activations' device) or a
+Python int; the mask is a hash of (seed, m * K + k), identical on CPU and CUDA and between forward
+and backward (csrc/dropout_hash.h).
+"""
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from . import _extension  # noqa: F401  (registers torch.ops.loracuda)
+
+Seed = Union[None, int, Tensor]
+_ops = torch.ops.loracuda
+
+
+def seed_tensor(seed: Seed, device: Optional[torch.device] = None) -> Optional[Tensor]:
+    """A Python int seed as an int64 tensor of one element; tensors and None pass through."""
+    if seed is None or isinstance(seed, Tensor):
+        return seed
+    return torch.tensor([int(seed)], dtype=torch.int64, device=device)
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, float32 for every other kernel dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def shrink(x: Tensor, lora_a: Tensor, dropout_p: float = 0.0, seed: Seed = None) -> Tensor:
+    """h [M, R] = (mask * x / (1 - dropout_p)) @ lora_a^T in float32; x [M, K], lora_a [R, K]."""
+    return _ops.shrink(x, lora_a, float(dropout_p), seed_tensor(seed))
+
+
+def expand_add_(y: Tensor, h: Tensor, lora_b: Tensor, scale: float, slice_offsets: Sequence[int] = ()) -> None:
+    """In place: y[:, off[i]:off[i+1]] += scale * h[:, i*r:(i+1)*r] @ lora_b[off[i]:off[i+1]]^T.
+
+    y [M, N] with unit column stride (rows may be strided), h [M, S*r] float32, lora_b [N, r].
+    ``slice_offsets`` holds S + 1 column offsets from 0 to N; empty means one slice.
+    """
+    _ops.expand_add_(y, h, lora_b, float(scale), list(slice_offsets))
+
+
+def merge_(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, transposed: bool = False) -> None:
+    """In place: weight += scale * lora_b @ lora_a (transposed: weight [K, N] += its transpose).
+
+    One read and one write of ``weight``, float32 accumulation, one rounding, bit-identical on every
+    run. A negative ``scale`` subtracts (an inexact unmerge; see :func:`unmerge_exact_`).
+    """
+    _ops.merge_(weight, lora_a, lora_b, float(scale), bool(transposed))
+
+
+def restore_codes(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, transposed: bool = False) -> Tensor:
+    """Read-only. uint8 [ceil(numel / 4)]: 2 bits per element (element e at byte e // 4, bits 2 * (e % 4))
+    saying how ``unmerge_exact_`` restores it after ``merge_(weight, lora_a, lora_b, scale)``:
+    0 exactly, 1 / 2 by one bit pattern up / down, 3 not at all (the caller keeps its value)."""
+    return _ops.restore_codes(weight, lora_a, lora_b, float(scale), bool(transposed))
+
+
+def unmerge_exact_(
+    weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, codes: Tensor, transposed: bool = False
+) -> None:
+    """In place, the inverse of ``merge_`` with the same ``scale``: weight = round(weight - delta), then
+    each element's restore code applied. Elements with code 3 are left for the caller to patch."""
+    _ops.unmerge_exact_(weight, lora_a, lora_b, float(scale), bool(transposed), codes)
+
+
+def backward(
+    grad_y: Tensor,
+    x: Tensor,
+    h: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed: Seed = None,
+    slice_offsets: Sequence[int] = (),
+    grad_x: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """The LoRA part of a linear layer's backward. Returns (grad_a [R, K], grad_b [N, r]) in the dtypes
+    of lora_a and lora_b; when ``grad_x`` [M, K] is given, adds mask * (g @ lora_a) / q into it in place,
+    where g = scale * grad_y @ lora_b (slice-wise)."""
+    return _ops.backward(
+        grad_y, x, h, lora_a, lora_b, float(scale), float(dropout_p), seed_tensor(seed), list(slice_offsets), grad_x
+    )
+
+
+# ---- fake implementations (shapes and dtypes only) for torch.compile and opcheck ----------------
+
+
+@torch.library.register_fake("loracuda::shrink")
+def _shrink_fake(x, lora_a, dropout_p, seed):
+    return x.new_empty((x.shape[0], lora_a.shape[0]), dtype=accumulate_dtype(x.dtype))
+
+
+@torch.library.register_fake("loracuda::expand_add_")
+def _expand_add_fake(y, h, lora_b, scale, slice_offsets):
+    return None
+
+
+@torch.library.register_fake("loracuda::merge_")
+def _merge_fake(weight, lora_a, lora_b, scale, transposed):
+    return None
+
+
+@torch.library.register_fake("loracuda::restore_codes")
+def _restore_codes_fake(weight, lora_a, lora_b, scale, transposed):
+    return weight.new_empty(((weight.numel() + 3) // 4,), dtype=torch.uint8)
+
+
+@torch.library.register_fake("loracuda::unmerge_exact_")
+def _unmerge_exact_fake(weight, lora_a, lora_b, scale, transposed, codes):
+    return None
+
+
+@torch.library.register_fake("loracuda::backward")
+def _backward_fake(grad_y, x, h, lora_a, lora_b, scale, dropout_p, seed, slice_offsets, grad_x):
+    return torch.empty_like(lora_a, memory_format=torch.contiguous_format), torch.empty_like(
+        lora_b, memory_format=torch.contiguous_format
+    )
+
+
+@torch.library.register_fake("loracuda::lora_linear")
+def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, slice_offsets):
+    y = x.new_empty((x.shape[0], weight.shape[0]))
+    h = x.new_empty((x.shape[0], lora_a.shape[0]), dtype=accumulate_dtype(x.dtype))
+    return y, h

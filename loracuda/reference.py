@@ -1,0 +1,159 @@
+"""Plain-PyTorch definitions of every loracuda op: the meaning the kernels are tested against.
+
+Each function computes in the dtype its inputs promote to (call it on float64 copies for a float64
+reference), returns new tensors and mutates nothing. Only tests and benchmarks import this module.
+"""
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(v: Tensor, constant: int) -> Tensor:
+    """(v * constant) mod 2^32 for v in [0, 2^32), split so no int64 product overflows."""
+    low = v * (constant & 0xFFFF)
+    high = ((v * (constant >> 16)) & 0xFFFF) << 16
+    return (low + high) & _MASK32
+
+
+def _mix32(v: Tensor) -> Tensor:
+    v = v ^ (v >> 16)
+    v = _mul32(v, 0x7FEB352D)
+    v = v ^ (v >> 15)
+    v = _mul32(v, 0x846CA68B)
+    return v ^ (v >> 16)
+
+
+def _mix32_int(v: int) -> int:
+    return int(_mix32(torch.tensor([v & _MASK32], dtype=torch.int64))[0])
+
+
+def dropout_bits(seed: int, numel: int, device=None) -> Tensor:
+    """32 random bits (as int64 values in [0, 2^32)) for element indices 0 .. numel-1."""
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    key_lo = _mix32_int((seed & _MASK32) ^ 0x243F6A88)
+    key_hi = _mix32_int((seed >> 32) ^ 0x85A308D3)
+    index = torch.arange(numel, dtype=torch.int64, device=device)
+    first = _mix32((index + key_lo) & _MASK32)
+    return _mix32(first ^ (((index >> 32) + key_hi) & _MASK32))
+
+
+def dropout_threshold(p: float) -> int:
+    return int(p * 16777216.0 + 0.5)
+
+
+def dropout_mask(seed: int, m: int, k: int, p: float, device=None) -> Tensor:
+    """bool [m, k]: True where an element of the logical [m, k] input is kept."""
+    if p == 0.0:
+        return torch.ones((m, k), dtype=torch.bool, device=device)
+    bits = dropout_bits(seed, m * k, device)
+    return ((bits >> 8) >= dropout_threshold(p)).reshape(m, k)
+
+
+def _seed_int(seed) -> int:
+    return int(seed.reshape(-1)[0]) if isinstance(seed, Tensor) else int(seed)
+
+
+def dropped(x: Tensor, p: float, seed) -> Tensor:
+    """mask * x / (1 - p) for x [M, K], in x's dtype (the float32-rounded 1 / (1 - p), as the kernels use)."""
+    if p == 0.0:
+        return x
+    mask = dropout_mask(_seed_int(seed), x.shape[0], x.shape[1], p, x.device)
+    keep_scale = float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float32))
+    return torch.where(mask, x * keep_scale, torch.zeros_like(x))
+
+
+def _promote(*tensors: Tensor) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _slices(n: int, slice_offsets: Sequence[int]) -> list[tuple[int, int]]:
+    offsets = list(slice_offsets) or [0, n]
+    return list(zip(offsets[:-1], offsets[1:]))
+
+
+def shrink(x: Tensor, lora_a: Tensor, dropout_p: float = 0.0, seed=None) -> Tensor:
+    dtype = _promote(x, lora_a)
+    h = dropped(x, dropout_p, seed).to(dtype) @ lora_a.to(dtype).t()
+    return h.to(_acc(x.dtype))
+
+
+def expand_add(y: Tensor, h: Tensor, lora_b: Tensor, scale: float, slice_offsets: Sequence[int] = ()) -> Tensor:
+    """Out of place: the y that expand_add_ leaves."""
+    dtype = _promote(y, h, lora_b)
+    r = lora_b.shape[1]
+    out = y.to(dtype).clone()
+    for i, (start, end) in enumerate(_slices(y.shape[1], slice_offsets)):
+        h_i = h[:, i * r : (i + 1) * r].to(dtype)
+        out[:, start:end] += scale * (h_i @ lora_b[start:end].to(dtype).t())
+    return out.to(y.dtype)
+
+
+def delta(lora_a: Tensor, lora_b: Tensor, scale: float, transposed: bool = False) -> Tensor:
+    d = scale * (lora_b @ lora_a)
+    return d.t() if transposed else d
+
+
+def merge(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, transposed: bool = False) -> Tensor:
+    """Out of place: the weight that merge_ leaves, computed in the promoted dtype."""
+    dtype = _promote(weight, lora_a, lora_b)
+    d = delta(lora_a.to(dtype), lora_b.to(dtype), scale, transposed)
+    return (weight.to(dtype) + d).to(weight.dtype)
+
+
+def backward(
+    grad_y: Tensor,
+    x: Tensor,
+    h: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed=None,
+    slice_offsets: Sequence[int] = (),
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_a, grad_b, grad_x_lora): grad_x_lora is what backward adds into grad_x."""
+    dtype = _promote(grad_y, x, lora_a, lora_b)
+    r = lora_b.shape[1]
+    dy = grad_y.to(dtype)
+    hh = h.to(dtype)
+    b = lora_b.to(dtype)
+    g_parts, grad_b = [], torch.empty_like(b)
+    for i, (start, end) in enumerate(_slices(grad_y.shape[1], slice_offsets)):
+        g_parts.append(scale * (dy[:, start:end] @ b[start:end]))
+        grad_b[start:end] = scale * (dy[:, start:end].t() @ hh[:, i * r : (i + 1) * r])
+    g = torch.cat(g_parts, dim=1)
+    xd = dropped(x.to(dtype), dropout_p, seed)
+    grad_a = g.t() @ xd
+    grad_x_lora = dropped(g @ lora_a.to(dtype), dropout_p, seed)
+    return grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), grad_x_lora.to(x.dtype)
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed=None,
+    slice_offsets: Sequence[int] = (),
+) -> Tensor:
+    """y = x @ weight^T + bias + scale * (dropout(x) @ lora_a^T) @ lora_b^T, any leading dims of x."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    y = torch.nn.functional.linear(x2, weight, bias)
+    h = shrink(x2, lora_a, dropout_p, seed)
+    y = expand_add(y, h, lora_b, scale, slice_offsets)
+    return y.reshape(*lead, y.shape[-1])
