@@ -183,3 +183,18 @@ def test_lora_linear_autograd(dtype, p):
     ref.lora_linear(plain[0], w, None, plain[1], plain[2], 0.5, p, 21).backward(gy)
     for got, exact, pl in zip((x, a, b), leaves, plain):
         assert_close_rule(got.grad, pl.grad, exact.grad, 3.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_merge_rounding_matches_torch(dtype):
+    # Exact delta (integer adapters, power-of-two scale): merge_ must round as torch's cast does,
+    # bit for bit, including NaN, infinities and signed zeros.
+    gen = torch.Generator().manual_seed(5)
+    w = randn(19, 23, dtype=dtype, gen=gen, scale=100.0)
+    w.view(-1)[:6] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-30]).to(dtype)
+    a = torch.randint(-3, 4, (3, 23), generator=gen).float()
+    b = torch.randint(-3, 4, (19, 3), generator=gen).float()
+    want = (w.float() + ref.delta(a, b, 0.0625)).to(dtype)
+    ops.merge_(w, a, b, 0.0625)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(w.view(bits), want.view(bits))

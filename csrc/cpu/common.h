@@ -46,6 +46,25 @@ inline T from_acc(acc_t<T> v) {
   return static_cast<T>(v);
 }
 
+// bf16 by its bits: the same values as c10::BFloat16's conversions (widening is exact; narrowing
+// rounds to nearest even, NaN -> 0x7FC0), written without branches so that row loops vectorise.
+template <>
+inline float to_acc<c10::BFloat16>(c10::BFloat16 v) {
+  const uint32_t u = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+template <>
+inline c10::BFloat16 from_acc<c10::BFloat16>(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  const uint32_t rounded = (u + UINT32_C(0x7FFF) + ((u >> 16) & 1)) >> 16;
+  const uint16_t bits = f != f ? UINT16_C(0x7FC0) : static_cast<uint16_t>(rounded);
+  return c10::BFloat16(bits, c10::BFloat16::from_bits());
+}
+
 // Calls fn.template operator()<T>() with T the C++ type of a kernel value dtype.
 template <typename Fn>
 inline void dispatch_value_type(at::ScalarType t, Fn&& fn) {
@@ -209,6 +228,25 @@ namespace detail {
 
 constexpr int kDeltaRows = 8;  // rows of b per register block: each load of a feeds 8 FMAs
 
+// Rows of memory (the weight rows the caller works on next) to pull into L2 while the delta
+// arithmetic runs, so that the compute of one block overlaps the DRAM traffic of the next.
+// rows[i] == nullptr: nothing to prefetch. Column units are elements of `elem_bytes` bytes.
+struct Prefetch {
+  const char* rows[kDeltaRows] = {};
+  int64_t elem_bytes = 0;
+  inline void lines(int64_t k, int64_t cols) const {
+#ifdef LORACUDA_X86_DISPATCH
+    if (rows[0] == nullptr) return;
+    for (int64_t byte = k * elem_bytes; byte < (k + cols) * elem_bytes; byte += 64) {
+      for (int i = 0; i < kDeltaRows; ++i) _mm_prefetch(rows[i] + byte, _MM_HINT_T1);
+    }
+#else
+    (void)k;
+    (void)cols;
+#endif
+  }
+};
+
 // Scalar columns [k0, k1) of the rows; std::fma is the same correctly rounded operation as a lane of
 // the vector FMA.
 template <typename F>
@@ -226,10 +264,11 @@ inline void delta_cols_scalar(const F* a, int64_t K, const F* const* b, int r, F
 // One register block: kDeltaRows rows x (2 vectors of columns), accumulators in registers.
 #define LORACUDA_DELTA_KERNEL(NAME, TARGET, F, V, W, LOADU, STOREU, SET1, MUL, FMA)                            \
   __attribute__((target(TARGET))) inline void NAME(const F* a, int64_t K, const F* const* b, int r, F scale,  \
-                                                   F* const* out) {                                           \
+                                                   F* const* out, const Prefetch& pf) {                       \
     const V vs = SET1(scale);                                                                                 \
     int64_t k = 0;                                                                                            \
     for (; k + 2 * (W) <= K; k += 2 * (W)) {                                                                  \
+      pf.lines(k, 2 * (W));                                                                                   \
       V acc0[kDeltaRows], acc1[kDeltaRows];                                                                   \
       const V a0 = LOADU(a + k), a1 = LOADU(a + k + (W));                                                     \
       for (int i = 0; i < kDeltaRows; ++i) {                                                                  \
@@ -268,10 +307,11 @@ LORACUDA_DELTA_KERNEL(delta_block_avx2_d, "avx2,fma", double, __m256d, 4, _mm256
 }  // namespace detail
 
 // delta rows [i0, i0 + rows) (rows <= 8) of scale * b @ a into out [rows, K] contiguous.
-// `zero_b` is a row of r zeros (padding of a partial block); `spill` is a scratch row of K values.
+// `zero_b` is a row of r zeros (padding of a partial block); `spill` is a scratch row of K values;
+// `pf` names memory to prefetch meanwhile (no effect on the values).
 template <typename F>
 inline void delta_rows(const F* a, int64_t K, const F* b, int r, int64_t i0, int rows, F scale, F* out,
-                       const F* zero_b, F* spill) {
+                       const F* zero_b, F* spill, const detail::Prefetch& pf = {}) {
   const F* bp[detail::kDeltaRows];
   F* op[detail::kDeltaRows];
   for (int i = 0; i < detail::kDeltaRows; ++i) {
@@ -281,11 +321,11 @@ inline void delta_rows(const F* a, int64_t K, const F* b, int r, int64_t i0, int
 #ifdef LORACUDA_X86_DISPATCH
   const detail::Isa isa = detail::isa();
   if constexpr (std::is_same_v<F, float>) {
-    if (isa == detail::Isa::avx512) return detail::delta_block_avx512_f(a, K, bp, r, scale, op);
-    if (isa == detail::Isa::avx2) return detail::delta_block_avx2_f(a, K, bp, r, scale, op);
+    if (isa == detail::Isa::avx512) return detail::delta_block_avx512_f(a, K, bp, r, scale, op, pf);
+    if (isa == detail::Isa::avx2) return detail::delta_block_avx2_f(a, K, bp, r, scale, op, pf);
   } else {
-    if (isa == detail::Isa::avx512) return detail::delta_block_avx512_d(a, K, bp, r, scale, op);
-    if (isa == detail::Isa::avx2) return detail::delta_block_avx2_d(a, K, bp, r, scale, op);
+    if (isa == detail::Isa::avx512) return detail::delta_block_avx512_d(a, K, bp, r, scale, op, pf);
+    if (isa == detail::Isa::avx2) return detail::delta_block_avx2_d(a, K, bp, r, scale, op, pf);
   }
 #endif
   detail::delta_cols_scalar<F>(a, K, bp, r, scale, op, 0, K);
