@@ -188,7 +188,8 @@ def test_lora_linear_autograd(dtype, p):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_merge_rounding_matches_torch(dtype):
     # Exact delta (integer adapters, power-of-two scale): merge_ must round as torch's cast does,
-    # bit for bit, including NaN, infinities and signed zeros.
+    # bit for bit, infinities and signed zeros included. NaN stays NaN (its payload is not compared:
+    # torch's scalar and vectorised casts write different NaN patterns).
     gen = torch.Generator().manual_seed(5)
     w = randn(19, 23, dtype=dtype, gen=gen, scale=100.0)
     w.view(-1)[:6] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-30]).to(dtype)
@@ -197,4 +198,5 @@ def test_merge_rounding_matches_torch(dtype):
     want = (w.float() + ref.delta(a, b, 0.0625)).to(dtype)
     ops.merge_(w, a, b, 0.0625)
     bits = torch.int32 if dtype == torch.float32 else torch.int16
-    assert torch.equal(w.view(bits), want.view(bits))
+    assert w.view(-1)[0].isnan()
+    assert torch.equal(w.view(-1)[1:].view(bits), want.view(-1)[1:].view(bits))
