@@ -91,7 +91,6 @@ Tensor x_pass_blocked(const Tensor& x, const Tensor& g, const Tensor& a, const D
     std::vector<A> gxbuf(gxp ? static_cast<size_t>(bm * k) : 0);
     std::vector<A> gxrow(gxp ? static_cast<size_t>(k) : 0);
     std::vector<uint8_t> keep(drop.active ? static_cast<size_t>(bm * k) : 0);
-    const A ks = static_cast<A>(drop.keep_scale);
     for (int64_t c = c0; c < c1; ++c) {
       Tensor part = partial[c];
       for (int64_t m0 = c * chunk; m0 < std::min(m, (c + 1) * chunk); m0 += bm) {
@@ -117,8 +116,7 @@ Tensor x_pass_blocked(const Tensor& x, const Tensor& g, const Tensor& a, const D
           T* out = gxp + (m0 + i) * grs;
           load_row(out, gcs, k, acc);
           if (drop.active) {
-            const uint8_t* kr = keep.data() + i * k;
-            for (int64_t j = 0; j < k; ++j) acc[j] += kr[j] ? lr[j] * ks : A(0);
+            add_kept(keep.data() + i * k, drop.keep_scale, k, lr, acc);
           } else {
             for (int64_t j = 0; j < k; ++j) acc[j] += lr[j];
           }

@@ -207,12 +207,71 @@ inline void dropout_keep_row(const Dropout& d, uint64_t start, int64_t n, uint8_
   }
 }
 
-// dst[k] = keep[k] ? src[k] * keep_scale : 0, in the accumulation type (for float64 values the
+namespace detail {
+
+template <typename A>
+using mask_t = std::conditional_t<sizeof(A) == 8, uint64_t, uint32_t>;
+
+// v where keep != 0, +0 elsewhere, by a bit mask: exact for any v (inf and NaN included, unlike
+// v * 0) and branch-free, so the loops below vectorise.
+template <typename A>
+__attribute__((always_inline)) inline A kept(uint8_t keep, A v) {
+  mask_t<A> bits;
+  std::memcpy(&bits, &v, sizeof(A));
+  bits &= mask_t<A>(0) - static_cast<mask_t<A>>(keep != 0);
+  std::memcpy(&v, &bits, sizeof(A));
+  return v;
+}
+
+// accumulate == false: row[k] = kept(row[k] * ks); true: row[k] += kept(src[k] * ks).
+template <typename A>
+__attribute__((always_inline)) inline void keep_rows_generic(const uint8_t* keep, A ks, int64_t n, const A* src,
+                                                             A* row, bool accumulate) {
+  if (accumulate) {
+    for (int64_t k = 0; k < n; ++k) row[k] += kept(keep[k], src[k] * ks);
+  } else {
+    for (int64_t k = 0; k < n; ++k) row[k] = kept(keep[k], row[k] * ks);
+  }
+}
+
+#ifdef LORACUDA_X86_DISPATCH
+template <typename A>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void keep_rows_avx512(const uint8_t* keep, A ks, int64_t n,
+                                                                            const A* src, A* row, bool accumulate) {
+  keep_rows_generic<A>(keep, ks, n, src, row, accumulate);
+}
+template <typename A>
+__attribute__((target("avx2"))) void keep_rows_avx2(const uint8_t* keep, A ks, int64_t n, const A* src, A* row,
+                                                    bool accumulate) {
+  keep_rows_generic<A>(keep, ks, n, src, row, accumulate);
+}
+#endif
+
+template <typename A>
+inline void keep_rows(const uint8_t* keep, A ks, int64_t n, const A* src, A* row, bool accumulate) {
+#ifdef LORACUDA_X86_DISPATCH
+  switch (isa()) {
+    case Isa::avx512: return keep_rows_avx512<A>(keep, ks, n, src, row, accumulate);
+    case Isa::avx2: return keep_rows_avx2<A>(keep, ks, n, src, row, accumulate);
+    default: break;
+  }
+#endif
+  keep_rows_generic<A>(keep, ks, n, src, row, accumulate);
+}
+
+}  // namespace detail
+
+// row[k] = keep[k] ? row[k] * keep_scale : 0, in the accumulation type (for float64 values the
 // float32 keep_scale is widened, as the reference multiplies a float64 x by it).
 template <typename A>
 inline void apply_keep(const uint8_t* keep, float keep_scale, int64_t n, A* row) {
-  const A ks = static_cast<A>(keep_scale);
-  for (int64_t k = 0; k < n; ++k) row[k] = keep[k] ? row[k] * ks : A(0);
+  detail::keep_rows<A>(keep, static_cast<A>(keep_scale), n, nullptr, row, false);
+}
+
+// row[k] += keep[k] ? src[k] * keep_scale : 0.
+template <typename A>
+inline void add_kept(const uint8_t* keep, float keep_scale, int64_t n, const A* src, A* row) {
+  detail::keep_rows<A>(keep, static_cast<A>(keep_scale), n, src, row, true);
 }
 
 // ---- the rank-r delta micro-kernel -------------------------------------------------------------
