@@ -97,11 +97,11 @@ Tensor x_pass_blocked(const Tensor& x, const Tensor& g, const Tensor& a, const D
         const int64_t mb = std::min(bm, m - m0);
         for (int64_t i = 0; i < mb; ++i) {
           A* row = xbuf.data() + i * k;
-          load_row(xp + (m0 + i) * xrs, xcs, k, row);
           if (drop.active) {
-            uint8_t* kr = keep.data() + i * k;
-            dropout_keep_row(drop, static_cast<uint64_t>(m0 + i) * static_cast<uint64_t>(k), k, kr);
-            apply_keep(kr, drop.keep_scale, k, row);
+            load_dropped_row(drop, static_cast<uint64_t>(m0 + i) * static_cast<uint64_t>(k), xp + (m0 + i) * xrs, xcs,
+                             k, row, gxp != nullptr ? keep.data() + i * k : nullptr);
+          } else {
+            load_row(xp + (m0 + i) * xrs, xcs, k, row);
           }
         }
         const Tensor xb = at::from_blob(xbuf.data(), {mb, k}, aopt);
@@ -114,6 +114,12 @@ Tensor x_pass_blocked(const Tensor& x, const Tensor& g, const Tensor& a, const D
           const A* lr = gxbuf.data() + i * k;
           A* acc = gxrow.data();
           T* out = gxp + (m0 + i) * grs;
+          if constexpr (std::is_same_v<T, A>) {
+            if (drop.active && gcs == 1) {  // float32 / float64 rows: add in place, no widening copy
+              add_kept(keep.data() + i * k, drop.keep_scale, k, lr, out);
+              continue;
+            }
+          }
           load_row(out, gcs, k, acc);
           if (drop.active) {
             add_kept(keep.data() + i * k, drop.keep_scale, k, lr, acc);
