@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -65,7 +66,7 @@ inline c10::BFloat16 from_acc<c10::BFloat16>(float f) {
   return c10::BFloat16(bits, c10::BFloat16::from_bits());
 }
 
-// Calls fn.template operator()<T>() with T the C++ type of a kernel value dtype.
+// Calls fn(T{}) with T the C++ type of a kernel value dtype (fn is a generic lambda over T).
 template <typename Fn>
 inline void dispatch_value_type(at::ScalarType t, Fn&& fn) {
   switch (t) {
