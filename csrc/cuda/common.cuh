@@ -166,7 +166,8 @@ __device__ __forceinline__ DeviceDropout make_device_dropout(const DropoutParams
   d.enabled = p.enabled;
   d.threshold = p.threshold;
   d.keep_scale = p.keep_scale;
-  const uint64_t seed = p.seed_ptr != nullptr ? static_cast<uint64_t>(*p.seed_ptr) : p.seed_value;
+  const uint64_t seed =
+      !p.enabled ? 0 : (p.seed_ptr != nullptr ? static_cast<uint64_t>(*p.seed_ptr) : p.seed_value);
   d.key = dropout_key(seed);
   return d;
 }
