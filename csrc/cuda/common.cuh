@@ -217,7 +217,7 @@ template <>
 __device__ __forceinline__ __half from_bits<__half>(uint32_t b) { return __ushort_as_half(static_cast<unsigned short>(b)); }
 
 template <typename T>
-constexpr uint32_t bits_mask() {
+__host__ __device__ constexpr uint32_t bits_mask() {
   return sizeof(T) == 4 ? 0xFFFFFFFFu : 0xFFFFu;
 }
 
