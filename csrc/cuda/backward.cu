@@ -23,6 +23,13 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kBlockCols = 32 * 8;  // columns of X per block: 8 per lane
 constexpr int kRankTile = 8;        // j values per block (grid.y)
 constexpr int kRedStride = 8 * kRankTile + 1;  // 65: the cross-warp sum buffer without bank conflicts
+// Two resident blocks per SM (a 128-register cap) on sm_90, where ptxas fits the kernel in 128
+// registers without spilling; sm_80's ptxas would spill under that cap, so it keeps one.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+constexpr int kColumnReduceMinBlocks = 2;
+#else
+constexpr int kColumnReduceMinBlocks = 1;
+#endif
 
 // out[c, j] = alpha * sum_m X[m, c] * H[m, i(c) * r + j] for c in [0, C), j in [0, r), where i(c)
 // is the slice of column c; X is optionally dropped out (element index m * C + c).
@@ -56,7 +63,7 @@ void plan_column_reduce(ColumnReduce& q, int num_sms) {
 }
 
 template <typename TX>
-__global__ void __launch_bounds__(kThreads) column_reduce_kernel(const ColumnReduce q, bool x_vec) {
+__global__ void __launch_bounds__(kThreads, kColumnReduceMinBlocks) column_reduce_kernel(const ColumnReduce q, bool x_vec) {
   __shared__ float red[32 * kRedStride];
 
   const int lane = threadIdx.x & 31;

@@ -49,8 +49,8 @@ ShrinkPlan make_plan(const ShrinkParams& p) {
   return plan;
 }
 
-// out: p.h scaled by alpha when the grid has one split, else this split's slab of the workspace
-// (out + blockIdx.z * M * R, unscaled).
+// out: p.h, written scaled by alpha, when the grid has one split; else the workspace, of which
+// split blockIdx.z writes the slab out + blockIdx.z * M * R, unscaled.
 template <typename TX, typename TA, bool kSliced>
 __global__ void __launch_bounds__(kThreads) shrink_kernel(const ShrinkParams p, int64_t tiles_per_split, bool x_vec,
                                                           float* __restrict__ out, bool final_output) {
@@ -142,6 +142,7 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(const ShrinkParams p, 
   // Sum the 32 lanes (xor butterfly: every lane ends with the same total), then lane (idx % 32)
   // writes value idx = row * 16 + j.
   const float alpha = final_output ? p.alpha : 1.0f;
+  float* __restrict__ dst = final_output ? out : out + static_cast<int64_t>(blockIdx.z) * M * R;
 #pragma unroll
   for (int row = 0; row < kRowsPerWarp; ++row) {
 #pragma unroll
@@ -151,7 +152,7 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(const ShrinkParams p, 
       for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
       const int idx = row * kRankTile + j;
       const int64_t m = m_base + row, jj = j0 + j;
-      if ((idx & 31) == lane && m < M && jj < R) out[m * R + jj] = final_output ? alpha * v : v;
+      if ((idx & 31) == lane && m < M && jj < R) dst[m * R + jj] = final_output ? alpha * v : v;
     }
   }
 }
