@@ -10,8 +10,8 @@
 // across blocks (grid.z). Each split writes its partial sums to the workspace and a second kernel
 // adds the splits in ascending order: no float atomics, the result repeats bit for bit.
 //
-// Remaining (not done here): tensor-core mma.sync m16n8k16 for large M; x is re-read once per
-// 16-rank tile when R > 16.
+// Remaining (not done here): tensor-core mma.sync m16n8k16 for large M; x is re-read (from L2) once
+// per 16-rank tile when R > 16.
 #include "common.cuh"
 
 namespace loracuda {
@@ -49,18 +49,24 @@ ShrinkPlan make_plan(const ShrinkParams& p) {
   return plan;
 }
 
+// Two resident blocks per SM (a 128-register cap) for bf16/fp16 x, which fits in 128 registers;
+// float32 x (twice the x registers) would spill under that cap and keeps one block per SM.
 // out: p.h, written scaled by alpha, when the grid has one split; else the workspace, of which
 // split blockIdx.z writes the slab out + blockIdx.z * M * R, unscaled.
 template <typename TX, typename TA, bool kSliced>
-__global__ void __launch_bounds__(kThreads) shrink_kernel(const ShrinkParams p, int64_t tiles_per_split, bool x_vec,
+__global__ void __launch_bounds__(kThreads, sizeof(TX) == 2 ? 2 : 1) shrink_kernel(const ShrinkParams p, int64_t tiles_per_split, bool x_vec,
                                                           float* __restrict__ out, bool final_output) {
   __shared__ __align__(16) float a_s[kKTile * kAStride];
 
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int64_t M = p.m, K = p.k, R = p.rank;
-  const int64_t m_base = static_cast<int64_t>(blockIdx.x) * kBlockRows + warp * kRowsPerWarp;
-  const int64_t j0 = static_cast<int64_t>(blockIdx.y) * kRankTile;
+  // grid.x enumerates (row tile, rank tile) with the rank tile fastest, so the blocks that read the
+  // same 32 rows of x run side by side and all but the first find x in L2.
+  const int64_t rank_tiles = (R + kRankTile - 1) / kRankTile;
+  const int64_t row_tile = static_cast<int64_t>(blockIdx.x) / rank_tiles;
+  const int64_t m_base = row_tile * kBlockRows + warp * kRowsPerWarp;
+  const int64_t j0 = (static_cast<int64_t>(blockIdx.x) - row_tile * rank_tiles) * kRankTile;
   const int64_t num_tiles = (K + kKTile - 1) / kKTile;
   const int64_t t_begin = static_cast<int64_t>(blockIdx.z) * tiles_per_split;
   const int64_t t_end = t_begin + tiles_per_split < num_tiles ? t_begin + tiles_per_split : num_tiles;
@@ -185,14 +191,13 @@ cudaError_t launch_shrink(const ShrinkParams& p) {
   const ShrinkPlan plan = make_plan(p);
   const int64_t rank_tiles = (p.rank + kRankTile - 1) / kRankTile;
   const int64_t row_tiles = (p.m + kBlockRows - 1) / kBlockRows;
-  if (rank_tiles > 65535 || row_tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  if (row_tiles * rank_tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;
   float* out = p.h;
   if (plan.splits > 1) {
     if (p.workspace == nullptr || p.workspace_floats < plan.splits * p.m * p.rank) return cudaErrorInvalidValue;
     out = p.workspace;
   }
-  const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(rank_tiles),
-                  static_cast<unsigned>(plan.splits));
+  const dim3 grid(static_cast<unsigned>(row_tiles * rank_tiles), 1, static_cast<unsigned>(plan.splits));
   const int x_bytes = p.x_dtype == DType::kFloat32 ? 4 : 2;
   const bool x_vec = vector_rows_ok(p.x, p.x_row_stride, p.m, x_bytes);
   const bool final_output = plan.splits == 1;
