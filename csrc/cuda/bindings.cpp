@@ -1,0 +1,279 @@
+// CUDA implementations of the loracuda ops: argument checks (csrc/checks.h), device guard, current
+// stream, the plain parameter structs of csrc/cuda/params.h, outputs and workspaces from the caching
+// allocator (at::empty: no host synchronisation), then the launchers of csrc/cuda/*.cu.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "../checks.h"
+#include "../dropout_hash.h"
+#include "params.h"
+
+namespace loracuda {
+namespace {
+
+using at::Tensor;
+namespace kc = loracuda::cuda;
+
+kc::DType kernel_dtype(const Tensor& t, const char* op, const char* arg) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return kc::DType::kFloat32;
+    case at::kBFloat16: return kc::DType::kBFloat16;
+    case at::kHalf: return kc::DType::kFloat16;
+    default: break;
+  }
+  LORACUDA_CHECK_ARG_TYPE(false, op, arg, "must be float32, bfloat16 or float16 on CUDA, got ", t.scalar_type());
+  return kc::DType::kFloat32;  // not reached
+}
+
+// The kernels read 2-D operands with unit column stride and any row stride; anything else is
+// copied first (inputs only: they are read, never written).
+Tensor unit_columns(const Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous(); }
+
+// Elements between rows of a tensor with unit column stride (any value will do for one row).
+int64_t row_stride(const Tensor& t) { return t.size(0) <= 1 ? t.size(1) : t.stride(0); }
+
+int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+kc::DropoutParams dropout_params(double p, const std::optional<Tensor>& seed) {
+  kc::DropoutParams d;
+  if (!(p > 0.0)) return d;  // the exact no-dropout path
+  d.enabled = true;
+  d.threshold = dropout_threshold(p);
+  d.keep_scale = static_cast<float>(1.0 / (1.0 - p));
+  if (seed->is_cpu()) {
+    d.seed_value = host_seed(seed);  // a CPU tensor: reading it does not wait for the device
+  } else {
+    d.seed_ptr = seed->data_ptr<int64_t>();  // read by the kernel itself
+  }
+  return d;
+}
+
+void check_slice_count(const std::vector<int64_t>& offsets, const char* op) {
+  const int64_t slices = static_cast<int64_t>(offsets.size()) - 1;
+  LORACUDA_CHECK_ARG(slices <= kc::kMaxSlices, op, "slice_offsets", "must describe at most ", kc::kMaxSlices,
+                     " slices on CUDA, got ", slices);
+}
+
+void copy_offsets(const std::vector<int64_t>& offsets, int64_t (&out)[kc::kMaxSlices + 1]) {
+  for (size_t i = 0; i < offsets.size(); ++i) out[i] = offsets[i];
+}
+
+// ---- shrink -------------------------------------------------------------------------------------
+
+Tensor shrink_cuda(const Tensor& x_in, const Tensor& lora_a, double dropout_p, const std::optional<Tensor>& seed) {
+  check_shrink_args(x_in, lora_a, dropout_p, seed);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const Tensor x = unit_columns(x_in);
+  const Tensor a = lora_a.contiguous();
+  const int64_t m = x.size(0), k = x.size(1), rank = a.size(0);
+  Tensor h = at::empty({m, rank}, x.options().dtype(at::kFloat));
+  if (m == 0) return h;
+
+  kc::ShrinkParams p;
+  p.x = x.data_ptr();
+  p.x_row_stride = row_stride(x);
+  p.x_dtype = kernel_dtype(x, "shrink", "x");
+  p.a = a.data_ptr();
+  p.a_dtype = kernel_dtype(a, "shrink", "lora_a");
+  p.h = h.data_ptr<float>();
+  p.m = m;
+  p.k = k;
+  p.rank = rank;
+  p.dropout = dropout_params(dropout_p, seed);
+  p.num_sms = num_sms();
+  p.stream = at::cuda::getCurrentCUDAStream().stream();
+  Tensor workspace;
+  const int64_t floats = kc::shrink_workspace_floats(p);
+  if (floats > 0) {
+    workspace = at::empty({floats}, x.options().dtype(at::kFloat));
+    p.workspace = workspace.data_ptr<float>();
+    p.workspace_floats = floats;
+  }
+  C10_CUDA_CHECK(kc::launch_shrink(p));
+  return h;
+}
+
+// ---- expand_add_ ----------------------------------------------------------------------------------
+
+void expand_add_cuda(Tensor& y, const Tensor& h_in, const Tensor& lora_b, double scale,
+                     at::IntArrayRef slice_offsets) {
+  const char* op = "expand_add_";
+  const auto offsets = check_expand_add_args(y, h_in, lora_b, scale, slice_offsets);
+  check_slice_count(offsets, op);
+  const c10::cuda::CUDAGuard guard(y.device());
+  const int64_t m = y.size(0), n = y.size(1);
+  if (m == 0 || n == 0) return;
+  const Tensor h = h_in.contiguous();
+  const Tensor b = lora_b.contiguous();
+  // A one-row y may have any column stride (csrc/checks.h): update a unit-stride copy, copy back.
+  Tensor target = y.size(1) <= 1 || y.stride(1) == 1 ? y : y.contiguous();
+
+  kc::ExpandParams p;
+  p.y = target.data_ptr();
+  p.y_row_stride = row_stride(target);
+  p.y_dtype = kernel_dtype(target, op, "y");
+  p.h = h.data_ptr<float>();
+  p.b = b.data_ptr();
+  p.b_dtype = kernel_dtype(b, op, "lora_b");
+  p.m = m;
+  p.n = n;
+  p.r = b.size(1);
+  p.num_slices = static_cast<int>(offsets.size()) - 1;
+  copy_offsets(offsets, p.slice_offsets);
+  p.scale = static_cast<float>(scale);
+  p.num_sms = num_sms();
+  p.stream = at::cuda::getCurrentCUDAStream().stream();
+  C10_CUDA_CHECK(kc::launch_expand_add(p));
+  if (!target.is_same(y)) y.copy_(target);
+}
+
+// ---- merge family -----------------------------------------------------------------------------------
+
+// The kernels see weight [N, K] with a [r, K], b [N, r]. A transposed weight [K, N] is the same
+// problem with a' = b^T [r, N] and b' = a^T [K, r] (small copies; the products a[j,k] * b[n,j]
+// are the same, so the delta is the same bits).
+kc::MergeParams merge_params(const Tensor& weight, const Tensor& lora_a, const Tensor& lora_b, double scale,
+                             bool transposed, kc::MergeMode mode, const char* op, Tensor& a_keep, Tensor& b_keep) {
+  a_keep = transposed ? lora_b.t().contiguous() : lora_a.contiguous();
+  b_keep = transposed ? lora_a.t().contiguous() : lora_b.contiguous();
+  kc::MergeParams p;
+  p.weight = weight.data_ptr();
+  p.weight_dtype = kernel_dtype(weight, op, "weight");
+  p.a = a_keep.data_ptr();
+  p.b = b_keep.data_ptr();
+  p.adapter_dtype = kernel_dtype(lora_a, op, "lora_a");
+  p.n = weight.size(0);
+  p.k = weight.size(1);
+  p.r = a_keep.size(0);
+  p.transposed = false;  // already folded into a' and b'
+  p.scale = static_cast<float>(scale);
+  p.mode = mode;
+  p.num_sms = num_sms();
+  p.stream = at::cuda::getCurrentCUDAStream().stream();
+  return p;
+}
+
+void merge_cuda(Tensor& weight, const Tensor& lora_a, const Tensor& lora_b, double scale, bool transposed) {
+  const char* op = "merge_";
+  check_merge_args(weight, lora_a, lora_b, scale, transposed, op);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  if (weight.numel() == 0) return;
+  Tensor a, b;
+  const kc::MergeParams p = merge_params(weight, lora_a, lora_b, scale, transposed, kc::MergeMode::kMerge, op, a, b);
+  C10_CUDA_CHECK(kc::launch_merge(p));
+}
+
+Tensor restore_codes_cuda(const Tensor& weight, const Tensor& lora_a, const Tensor& lora_b, double scale,
+                          bool transposed) {
+  const char* op = "restore_codes";
+  check_merge_args(weight, lora_a, lora_b, scale, transposed, op);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  Tensor codes = at::empty({restore_code_bytes(weight.numel())}, weight.options().dtype(at::kByte));
+  if (weight.numel() == 0) return codes;
+  Tensor a, b;
+  kc::MergeParams p =
+      merge_params(weight, lora_a, lora_b, scale, transposed, kc::MergeMode::kRestoreCodes, op, a, b);
+  p.codes = codes.data_ptr<uint8_t>();
+  C10_CUDA_CHECK(kc::launch_merge(p));
+  return codes;
+}
+
+void unmerge_exact_cuda(Tensor& weight, const Tensor& lora_a, const Tensor& lora_b, double scale, bool transposed,
+                        const Tensor& codes) {
+  const char* op = "unmerge_exact_";
+  check_merge_args(weight, lora_a, lora_b, scale, transposed, op);
+  check_restore_codes(weight, codes, op);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  if (weight.numel() == 0) return;
+  Tensor a, b;
+  kc::MergeParams p =
+      merge_params(weight, lora_a, lora_b, scale, transposed, kc::MergeMode::kUnmergeExact, op, a, b);
+  p.codes = codes.data_ptr<uint8_t>();  // read only in this mode
+  C10_CUDA_CHECK(kc::launch_merge(p));
+}
+
+// ---- backward ------------------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor> backward_cuda(const Tensor& grad_y_in, const Tensor& x_in, const Tensor& h_in,
+                                         const Tensor& lora_a, const Tensor& lora_b, double scale, double dropout_p,
+                                         const std::optional<Tensor>& seed, at::IntArrayRef slice_offsets,
+                                         const std::optional<Tensor>& grad_x) {
+  const char* op = "backward";
+  const auto offsets =
+      check_backward_args(grad_y_in, x_in, h_in, lora_a, lora_b, scale, dropout_p, seed, slice_offsets, grad_x);
+  check_slice_count(offsets, op);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const Tensor grad_y = unit_columns(grad_y_in);
+  const Tensor x = unit_columns(x_in);
+  const Tensor h = h_in.contiguous();
+  const Tensor a = lora_a.contiguous();
+  const Tensor b = lora_b.contiguous();
+  const int64_t m = x.size(0), k = x.size(1), n = grad_y.size(1), r = b.size(1), rank = a.size(0);
+  Tensor grad_a = at::empty({rank, k}, a.options());
+  Tensor grad_b = at::empty({n, r}, b.options());
+  Tensor g = at::empty({m, rank}, x.options().dtype(at::kFloat));  // scale * grad_y @ b, float32
+  Tensor gx_target;
+  if (grad_x.has_value()) {
+    const Tensor& gx = *grad_x;
+    gx_target = gx.size(1) <= 1 || gx.stride(1) == 1 ? gx : gx.contiguous();
+  }
+
+  kc::BackwardParams p;
+  p.grad_y = grad_y.data_ptr();
+  p.grad_y_row_stride = row_stride(grad_y);
+  p.x = x.data_ptr();
+  p.x_row_stride = row_stride(x);
+  p.value_dtype = kernel_dtype(x, op, "x");
+  p.h = h.data_ptr<float>();
+  p.a = a.data_ptr();
+  p.a_dtype = kernel_dtype(a, op, "lora_a");
+  p.b = b.data_ptr();
+  p.b_dtype = kernel_dtype(b, op, "lora_b");
+  p.grad_a = grad_a.data_ptr();
+  p.grad_b = grad_b.data_ptr();
+  if (gx_target.defined()) {
+    p.grad_x = gx_target.data_ptr();
+    p.grad_x_row_stride = row_stride(gx_target);
+  }
+  p.g = g.data_ptr<float>();
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.r = r;
+  p.num_slices = static_cast<int>(offsets.size()) - 1;
+  copy_offsets(offsets, p.slice_offsets);
+  p.scale = static_cast<float>(scale);
+  p.dropout = dropout_params(dropout_p, seed);
+  p.num_sms = num_sms();
+  p.stream = at::cuda::getCurrentCUDAStream().stream();
+  Tensor workspace;
+  const int64_t floats = kc::backward_workspace_floats(p);
+  if (floats > 0) {
+    workspace = at::empty({floats}, x.options().dtype(at::kFloat));
+    p.workspace = workspace.data_ptr<float>();
+    p.workspace_floats = floats;
+  }
+  C10_CUDA_CHECK(kc::launch_backward(p));
+  if (gx_target.defined() && !gx_target.is_same(*grad_x)) grad_x->copy_(gx_target);
+  return {grad_a, grad_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(loracuda, CUDA, m) {
+  m.impl("shrink", &shrink_cuda);
+  m.impl("expand_add_", &expand_add_cuda);
+  m.impl("merge_", &merge_cuda);
+  m.impl("restore_codes", &restore_codes_cuda);
+  m.impl("unmerge_exact_", &unmerge_exact_cuda);
+  m.impl("backward", &backward_cuda);
+}
+
+}  // namespace loracuda

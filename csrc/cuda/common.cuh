@@ -1,0 +1,255 @@
+// Device helpers shared by the loracuda kernels: dtype dispatch, float conversion, 16-byte vector
+// access of 8 consecutive elements, the dropout of one element, and the merge delta.
+// CUDA headers only (no torch): see DESIGN.md §2.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../dropout_hash.h"
+#include "params.h"
+
+namespace loracuda {
+namespace cuda {
+
+// ---- dtype dispatch (host side) ------------------------------------------------------------------
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// Calls fn(Tag<T>{}) for the element type named by `dtype`.
+template <typename Fn>
+cudaError_t dispatch_dtype(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::kFloat32: return fn(Tag<float>{});
+    case DType::kBFloat16: return fn(Tag<__nv_bfloat16>{});
+    case DType::kFloat16: return fn(Tag<__half>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Calls fn(Tag<TV>{}, Tag<TA>{}) for a value dtype and an adapter dtype; the adapter is in the
+// value dtype or float32 (csrc/checks.h), so five pairs are instantiated, not nine.
+template <typename Fn>
+cudaError_t dispatch_value_adapter(DType value, DType adapter, Fn&& fn) {
+  if (adapter != value && adapter != DType::kFloat32) return cudaErrorInvalidValue;
+  switch (value) {
+    case DType::kFloat32: return fn(Tag<float>{}, Tag<float>{});
+    case DType::kBFloat16:
+      return adapter == DType::kFloat32 ? fn(Tag<__nv_bfloat16>{}, Tag<float>{})
+                                        : fn(Tag<__nv_bfloat16>{}, Tag<__nv_bfloat16>{});
+    case DType::kFloat16:
+      return adapter == DType::kFloat32 ? fn(Tag<__half>{}, Tag<float>{}) : fn(Tag<__half>{}, Tag<__half>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Whether rows of `elem_bytes`-sized elements starting at `base` with `row_stride` elements between
+// rows can be read as 16-byte vectors at every multiple of 8 elements. `rows` <= 1 ignores the stride.
+inline bool vector_rows_ok(const void* base, int64_t row_stride, int64_t rows, int elem_bytes) {
+  return aligned16(base) && (rows <= 1 || (row_stride * elem_bytes) % 16 == 0);
+}
+
+inline unsigned grid_cap(int64_t blocks, int num_sms) {
+  // Grid-stride kernels: a few waves of blocks are enough to fill the chip.
+  const int64_t cap = static_cast<int64_t>(num_sms > 0 ? num_sms : 132) * 8;
+  return static_cast<unsigned>(blocks < 1 ? 1 : (blocks < cap ? blocks : cap));
+}
+
+// ---- conversions -----------------------------------------------------------------------------------
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+// Round-to-nearest-even conversion from float32.
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+
+template <typename T>
+__device__ __forceinline__ float load_float(const T* p) {
+  return to_float(*p);
+}
+
+// ---- 8 consecutive elements ------------------------------------------------------------------------
+// The kernels move data in chunks of 8 elements: one 16-byte access for bf16/fp16, two for fp32.
+// `vec` must only be true when p is 16-byte aligned and all 8 elements exist; otherwise the first
+// `count` elements are read one by one and the rest are zero.
+
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, bool vec, int count, float (&out)[8]) {
+  if (vec) {
+    if constexpr (sizeof(T) == 4) {
+      const float4 lo = __ldg(reinterpret_cast<const float4*>(p));
+      const float4 hi = __ldg(reinterpret_cast<const float4*>(p) + 1);
+      out[0] = lo.x; out[1] = lo.y; out[2] = lo.z; out[3] = lo.w;
+      out[4] = hi.x; out[5] = hi.y; out[6] = hi.z; out[7] = hi.w;
+    } else {
+      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int c = 0; c < 8; ++c) out[c] = to_float(e[c]);
+    }
+  } else {
+#pragma unroll
+    for (int c = 0; c < 8; ++c) out[c] = c < count ? to_float(p[c]) : 0.0f;
+  }
+}
+
+// Like load8, but through the ordinary (coherent) path: for buffers the same kernel writes.
+template <typename T>
+__device__ __forceinline__ void load8_rw(const T* p, bool vec, int count, T (&out)[8]) {
+  if (vec) {
+    if constexpr (sizeof(T) == 4) {
+      const float4 lo = reinterpret_cast<const float4*>(p)[0];
+      const float4 hi = reinterpret_cast<const float4*>(p)[1];
+      out[0] = lo.x; out[1] = lo.y; out[2] = lo.z; out[3] = lo.w;
+      out[4] = hi.x; out[5] = hi.y; out[6] = hi.z; out[7] = hi.w;
+    } else {
+      const uint4 raw = *reinterpret_cast<const uint4*>(p);
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int c = 0; c < 8; ++c) out[c] = e[c];
+    }
+  } else {
+#pragma unroll
+    for (int c = 0; c < 8; ++c) out[c] = c < count ? p[c] : from_float<T>(0.0f);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store8(T* p, bool vec, int count, const T (&v)[8]) {
+  if (vec) {
+    if constexpr (sizeof(T) == 4) {
+      reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+      reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+    } else {
+      uint4 raw;
+      T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+      for (int c = 0; c < 8; ++c) e[c] = v[c];
+      *reinterpret_cast<uint4*>(p) = raw;
+    }
+  } else {
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      if (c < count) p[c] = v[c];
+    }
+  }
+}
+
+// ---- dropout ---------------------------------------------------------------------------------------
+
+// The per-launch view of DropoutParams: the key is derived once per thread from the seed (read from
+// device memory when seed_ptr is set, so the host never waits for it).
+struct DeviceDropout {
+  bool enabled;
+  uint32_t threshold;
+  float keep_scale;
+  DropoutKey key;
+};
+
+__device__ __forceinline__ DeviceDropout make_device_dropout(const DropoutParams& p) {
+  DeviceDropout d;
+  d.enabled = p.enabled;
+  d.threshold = p.threshold;
+  d.keep_scale = p.keep_scale;
+  const uint64_t seed =
+      !p.enabled ? 0 : (p.seed_ptr != nullptr ? static_cast<uint64_t>(*p.seed_ptr) : p.seed_value);
+  d.key = dropout_key(seed);
+  return d;
+}
+
+// mask * v / q for the element at logical row-major index `index` of the [M, K] input.
+__device__ __forceinline__ float apply_dropout(const DeviceDropout& d, uint64_t index, float v) {
+  if (!d.enabled) return v;
+  return dropout_keep(d.key, index, d.threshold) ? v * d.keep_scale : 0.0f;
+}
+
+// ---- the merge delta ---------------------------------------------------------------------------------
+// d[n, k] = scale * (sum_{j = 0 .. r-1} b[n, j] * a[j, k]) in float32: the sum starts at 0 and takes
+// one fused multiply-add per j in ascending j, then one multiply by scale. The explicit _rn
+// intrinsics keep the compiler from contracting or reordering anything, so merge_, restore_codes and
+// unmerge_exact_ (and both merge kernels) compute the same bits for the same element.
+// merge_delta_step/merge_delta_finish are the only arithmetic of the delta; merge_delta is the
+// one-element form built from them, the tiled kernel applies the same steps to a register tile.
+
+__device__ __forceinline__ float merge_delta_step(float acc, float b_nj, float a_jk) {
+  return __fmaf_rn(b_nj, a_jk, acc);
+}
+
+__device__ __forceinline__ float merge_delta_finish(float acc, float scale) { return __fmul_rn(scale, acc); }
+
+template <typename TA>
+__device__ __forceinline__ float merge_delta(const TA* __restrict__ a, const TA* __restrict__ b, int64_t n,
+                                             int64_t k, int64_t r, int64_t kdim, float scale) {
+  float acc = 0.0f;
+  for (int64_t j = 0; j < r; ++j) acc = merge_delta_step(acc, load_float(b + n * r + j), load_float(a + j * kdim + k));
+  return merge_delta_finish(acc, scale);
+}
+
+// Raw bit patterns of the weight dtypes, as unsigned integers, and their width mask.
+__device__ __forceinline__ uint32_t bits_of(float v) { return __float_as_uint(v); }
+__device__ __forceinline__ uint32_t bits_of(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+__device__ __forceinline__ uint32_t bits_of(__half v) { return __half_as_ushort(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_bits(uint32_t b);
+template <>
+__device__ __forceinline__ float from_bits<float>(uint32_t b) { return __uint_as_float(b); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_bits<__nv_bfloat16>(uint32_t b) {
+  return __ushort_as_bfloat16(static_cast<unsigned short>(b));
+}
+template <>
+__device__ __forceinline__ __half from_bits<__half>(uint32_t b) { return __ushort_as_half(static_cast<unsigned short>(b)); }
+
+template <typename T>
+__host__ __device__ constexpr uint32_t bits_mask() {
+  return sizeof(T) == 4 ? 0xFFFFFFFFu : 0xFFFFu;
+}
+
+// w1 = T(float(w) + d).
+template <typename T>
+__device__ __forceinline__ T merge_add(T w, float d) {
+  return from_float<T>(__fadd_rn(to_float(w), d));
+}
+
+// The 2-bit restore code of one element (see csrc/ops.cpp): how w comes back from w2 = T(float(w1) - d).
+template <typename T>
+__device__ __forceinline__ uint32_t restore_code(T w, float d) {
+  const T w1 = merge_add(w, d);
+  const T w2 = from_float<T>(__fsub_rn(to_float(w1), d));
+  const uint32_t bw = bits_of(w), b2 = bits_of(w2);
+  constexpr uint32_t mask = bits_mask<T>();
+  if (bw == b2) return 0u;
+  if (bw == ((b2 + 1u) & mask)) return 1u;
+  if (bw == ((b2 - 1u) & mask)) return 2u;
+  return 3u;
+}
+
+// The exact inverse of merge_add given the element's restore code; code 3 leaves T(float(w) - d).
+template <typename T>
+__device__ __forceinline__ T unmerge_exact(T w1, float d, uint32_t code) {
+  const T w2 = from_float<T>(__fsub_rn(to_float(w1), d));
+  constexpr uint32_t mask = bits_mask<T>();
+  const uint32_t b2 = bits_of(w2);
+  if (code == 1u) return from_bits<T>((b2 + 1u) & mask);
+  if (code == 2u) return from_bits<T>((b2 - 1u) & mask);
+  return w2;
+}
+
+}  // namespace cuda
+}  // namespace loracuda

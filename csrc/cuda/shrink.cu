@@ -1,0 +1,222 @@
+// shrink: h [M, R] (float32) = alpha * dropped(x) [M, K] @ a^T, a [R, K].
+//
+// Memory-bound on reading x once (about R FLOP per byte of bf16 x). A block owns 32 rows of x and a
+// tile of 16 ranks and streams K in tiles of 256 columns: the block stages a's [16 x 256] tile in
+// shared memory as float32, every warp owns 4 rows and every lane 8 consecutive columns of each
+// tile (one 16-byte load per row for bf16/fp16), so each a value read from shared memory feeds 4
+// FMAs. Each lane accumulates its columns' products; a warp butterfly sums the 32 lanes at the end.
+//
+// Small M (decode): the grid of row x rank tiles would leave most of the chip idle, so K is split
+// across blocks (grid.z). Each split writes its partial sums to the workspace and a second kernel
+// adds the splits in ascending order: no float atomics, the result repeats bit for bit.
+//
+// Remaining (not done here): tensor-core mma.sync m16n8k16 for large M; x is re-read (from L2) once
+// per 16-rank tile when R > 16.
+#include "common.cuh"
+
+namespace loracuda {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kRowsPerWarp = 4;
+constexpr int kBlockRows = (kThreads / 32) * kRowsPerWarp;  // 32 rows of x per block
+constexpr int kRankTile = 16;                               // ranks per block (grid.y)
+constexpr int kKTile = 256;                                 // columns of x per tile: 32 lanes x 8
+// a_s row stride in floats: 16 ranks + 4 padding, so the 8 lanes of one 16-byte shared-memory
+// phase (consecutive slots) hit 8 disjoint groups of 4 banks.
+constexpr int kAStride = kRankTile + 4;
+
+struct ShrinkPlan {
+  int64_t num_tiles;        // K tiles of kKTile columns (at least 1)
+  int64_t tiles_per_split;  // K tiles per block along grid.z
+  int64_t splits;           // grid.z; 1 = no workspace
+};
+
+ShrinkPlan make_plan(const ShrinkParams& p) {
+  ShrinkPlan plan;
+  plan.num_tiles = p.k > 0 ? (p.k + kKTile - 1) / kKTile : 1;
+  const int64_t base_blocks = ((p.m + kBlockRows - 1) / kBlockRows) * ((p.rank + kRankTile - 1) / kRankTile);
+  const int64_t target_blocks = 2 * static_cast<int64_t>(p.num_sms > 0 ? p.num_sms : 132);
+  int64_t splits = 1;
+  if (base_blocks > 0 && base_blocks < target_blocks) {
+    splits = (target_blocks + base_blocks - 1) / base_blocks;
+    if (splits > plan.num_tiles) splits = plan.num_tiles;
+    if (splits > 64) splits = 64;
+  }
+  plan.tiles_per_split = (plan.num_tiles + splits - 1) / splits;
+  plan.splits = (plan.num_tiles + plan.tiles_per_split - 1) / plan.tiles_per_split;  // no empty split
+  return plan;
+}
+
+// Two resident blocks per SM (a 128-register cap) for bf16/fp16 x, which fits in 128 registers;
+// float32 x (twice the x registers) would spill under that cap and keeps one block per SM.
+// out: p.h, written scaled by alpha, when the grid has one split; else the workspace, of which
+// split blockIdx.z writes the slab out + blockIdx.z * M * R, unscaled.
+template <typename TX, typename TA, bool kSliced>
+__global__ void __launch_bounds__(kThreads, sizeof(TX) == 2 ? 2 : 1) shrink_kernel(const ShrinkParams p, int64_t tiles_per_split, bool x_vec,
+                                                          float* __restrict__ out, bool final_output) {
+  __shared__ __align__(16) float a_s[kKTile * kAStride];
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t M = p.m, K = p.k, R = p.rank;
+  // grid.x enumerates (row tile, rank tile) with the rank tile fastest, so the blocks that read the
+  // same 32 rows of x run side by side and all but the first find x in L2.
+  const int64_t rank_tiles = (R + kRankTile - 1) / kRankTile;
+  const int64_t row_tile = static_cast<int64_t>(blockIdx.x) / rank_tiles;
+  const int64_t m_base = row_tile * kBlockRows + warp * kRowsPerWarp;
+  const int64_t j0 = (static_cast<int64_t>(blockIdx.x) - row_tile * rank_tiles) * kRankTile;
+  const int64_t num_tiles = (K + kKTile - 1) / kKTile;
+  const int64_t t_begin = static_cast<int64_t>(blockIdx.z) * tiles_per_split;
+  const int64_t t_end = t_begin + tiles_per_split < num_tiles ? t_begin + tiles_per_split : num_tiles;
+  const TX* __restrict__ x = static_cast<const TX*>(p.x);
+  const TA* __restrict__ a = static_cast<const TA*>(p.a);
+  const DeviceDropout drop = make_device_dropout(p.dropout);
+
+  float acc[kRowsPerWarp][kRankTile];
+#pragma unroll
+  for (int row = 0; row < kRowsPerWarp; ++row) {
+#pragma unroll
+    for (int j = 0; j < kRankTile; ++j) acc[row][j] = 0.0f;
+  }
+
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int64_t k_tile0 = t * kKTile;
+    __syncthreads();  // every warp is done reading the previous tile of a_s
+    // Stage a[j0 .. j0+15, k_tile0 .. k_tile0+255] as float32; zeros outside a. Column kl of the
+    // tile is read by lane kl / 8 as its element kl % 8, so it is stored at slot (kl % 8) * 32 + kl / 8:
+    // lanes then read consecutive slots.
+    for (int q = threadIdx.x; q < kKTile * kRankTile; q += kThreads) {
+      // Consecutive threads read consecutive addresses of the operand: along k for a [R, K], along
+      // j for the sliced lora_b [K, r].
+      const int jl = kSliced ? q % kRankTile : q / kKTile;
+      const int kl = kSliced ? q / kRankTile : q % kKTile;
+      const int64_t j = j0 + jl, k = k_tile0 + kl;
+      float v = 0.0f;
+      if (j < R && k < K) {
+        if constexpr (kSliced) {
+          const int64_t i = j / p.slice_rank;
+          if (k >= p.slice_offsets[i] && k < p.slice_offsets[i + 1]) {
+            v = load_float(a + k * p.slice_rank + (j - i * p.slice_rank));
+          }
+        } else {
+          v = load_float(a + j * K + k);
+        }
+      }
+      a_s[((kl & 7) * 32 + (kl >> 3)) * kAStride + jl] = v;
+    }
+    __syncthreads();
+
+    const int64_t k0 = k_tile0 + lane * 8;
+    const int count = K - k0 >= 8 ? 8 : (K - k0 > 0 ? static_cast<int>(K - k0) : 0);
+    float xv[kRowsPerWarp][8];
+#pragma unroll
+    for (int row = 0; row < kRowsPerWarp; ++row) {
+      const int64_t m = m_base + row;
+      if (m < M && count > 0) {
+        load8(x + m * p.x_row_stride + k0, x_vec && count == 8, count, xv[row]);
+        if (drop.enabled) {
+#pragma unroll
+          for (int c = 0; c < 8; ++c) {
+            if (c < count) xv[row][c] = apply_dropout(drop, static_cast<uint64_t>(m * K + k0 + c), xv[row][c]);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int c = 0; c < 8; ++c) xv[row][c] = 0.0f;
+      }
+    }
+
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      const float* a_row = a_s + (kk * 32 + lane) * kAStride;
+#pragma unroll
+      for (int j4 = 0; j4 < kRankTile / 4; ++j4) {
+        const float4 av = *reinterpret_cast<const float4*>(a_row + j4 * 4);
+#pragma unroll
+        for (int row = 0; row < kRowsPerWarp; ++row) {
+          acc[row][j4 * 4 + 0] = fmaf(xv[row][kk], av.x, acc[row][j4 * 4 + 0]);
+          acc[row][j4 * 4 + 1] = fmaf(xv[row][kk], av.y, acc[row][j4 * 4 + 1]);
+          acc[row][j4 * 4 + 2] = fmaf(xv[row][kk], av.z, acc[row][j4 * 4 + 2]);
+          acc[row][j4 * 4 + 3] = fmaf(xv[row][kk], av.w, acc[row][j4 * 4 + 3]);
+        }
+      }
+    }
+  }
+
+  // Sum the 32 lanes (xor butterfly: every lane ends with the same total), then lane (idx % 32)
+  // writes value idx = row * 16 + j.
+  const float alpha = final_output ? p.alpha : 1.0f;
+  float* __restrict__ dst = final_output ? out : out + static_cast<int64_t>(blockIdx.z) * M * R;
+#pragma unroll
+  for (int row = 0; row < kRowsPerWarp; ++row) {
+#pragma unroll
+    for (int j = 0; j < kRankTile; ++j) {
+      float v = acc[row][j];
+#pragma unroll
+      for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+      const int idx = row * kRankTile + j;
+      const int64_t m = m_base + row, jj = j0 + j;
+      if ((idx & 31) == lane && m < M && jj < R) dst[m * R + jj] = final_output ? alpha * v : v;
+    }
+  }
+}
+
+// h[i] = alpha * sum over splits s = 0, 1, ... of partial[s][i], in that order.
+__global__ void __launch_bounds__(256) shrink_reduce_kernel(const float* __restrict__ partial, float* __restrict__ h,
+                                                            int64_t count, int64_t splits, float alpha) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += stride) {
+    float s = 0.0f;
+    for (int64_t sp = 0; sp < splits; ++sp) s += partial[sp * count + i];
+    h[i] = alpha * s;
+  }
+}
+
+}  // namespace
+
+int64_t shrink_workspace_floats(const ShrinkParams& p) {
+  if (p.m <= 0 || p.rank <= 0) return 0;
+  const ShrinkPlan plan = make_plan(p);
+  return plan.splits > 1 ? plan.splits * p.m * p.rank : 0;
+}
+
+cudaError_t launch_shrink(const ShrinkParams& p) {
+  if (p.m <= 0 || p.rank <= 0) return cudaSuccess;  // nothing to write
+  if (p.k < 0 || (p.num_slices > 0 && (p.slice_rank <= 0 || p.num_slices > kMaxSlices ||
+                                       p.rank != p.num_slices * p.slice_rank))) {
+    return cudaErrorInvalidValue;
+  }
+  const ShrinkPlan plan = make_plan(p);
+  const int64_t rank_tiles = (p.rank + kRankTile - 1) / kRankTile;
+  const int64_t row_tiles = (p.m + kBlockRows - 1) / kBlockRows;
+  if (row_tiles * rank_tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  float* out = p.h;
+  if (plan.splits > 1) {
+    if (p.workspace == nullptr || p.workspace_floats < plan.splits * p.m * p.rank) return cudaErrorInvalidValue;
+    out = p.workspace;
+  }
+  const dim3 grid(static_cast<unsigned>(row_tiles * rank_tiles), 1, static_cast<unsigned>(plan.splits));
+  const int x_bytes = p.x_dtype == DType::kFloat32 ? 4 : 2;
+  const bool x_vec = vector_rows_ok(p.x, p.x_row_stride, p.m, x_bytes);
+  const bool final_output = plan.splits == 1;
+  cudaError_t err = dispatch_value_adapter(p.x_dtype, p.a_dtype, [&](auto tx, auto ta) {
+    using TX = typename decltype(tx)::type;
+    using TA = typename decltype(ta)::type;
+    if (p.num_slices > 0) {
+      shrink_kernel<TX, TA, true><<<grid, kThreads, 0, p.stream>>>(p, plan.tiles_per_split, x_vec, out, final_output);
+    } else {
+      shrink_kernel<TX, TA, false><<<grid, kThreads, 0, p.stream>>>(p, plan.tiles_per_split, x_vec, out, final_output);
+    }
+    return cudaGetLastError();
+  });
+  if (err != cudaSuccess || plan.splits == 1) return err;
+  const int64_t count = p.m * p.rank;
+  shrink_reduce_kernel<<<grid_cap((count + 255) / 256, p.num_sms), 256, 0, p.stream>>>(p.workspace, p.h, count,
+                                                                                       plan.splits, p.alpha);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace loracuda
