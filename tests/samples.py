@@ -192,7 +192,7 @@ def _generator(case: Case, salt: str) -> torch.Generator:
     return g
 
 
-def _values(case: Case, salt: str, shape, dtype: torch.dtype, std: float = 1.0, magnitude: int = 1) -> Tensor:
+def draw_values(case: Case, salt: str, shape, dtype: torch.dtype, std: float = 1.0, magnitude: int = 1) -> Tensor:
     """float64 CPU values (cast by the caller): normal * std, dyadic k / 8 for float64 cases, or
     integers in [-magnitude, magnitude] for integer cases."""
     g = _generator(case, salt)
@@ -296,25 +296,25 @@ class Sample:
 
 
 def _x(case: Case, device, salt: str = "x") -> Tensor:
-    return _place(_values(case, salt, (case.m, case.k), case.dtype), case.layout, device, case.dtype)
+    return _place(draw_values(case, salt, (case.m, case.k), case.dtype), case.layout, device, case.dtype)
 
 
 def _lora_a(case: Case, device) -> Tensor:
     std = case.k ** -0.5 if case.k else 1.0
-    v = _values(case, "lora_a", (case.rank_total, case.k), case.adapter_dtype, std=std)
+    v = draw_values(case, "lora_a", (case.rank_total, case.k), case.adapter_dtype, std=std)
     return _place(v, case.layout, device, case.adapter_dtype)
 
 
 def _lora_b(case: Case, device) -> Tensor:
-    v = _values(case, "lora_b", (case.n, case.r), case.adapter_dtype, std=case.r ** -0.5)
+    v = draw_values(case, "lora_b", (case.n, case.r), case.adapter_dtype, std=case.r ** -0.5)
     return _place(v, case.layout, device, case.adapter_dtype)
 
 
 def _h(case: Case, device) -> Tensor:
     """h [M, R] in the accumulation dtype, as shrink would produce it (computed exactly in float64)."""
     acc = reference._acc(case.dtype)
-    x = _values(case, "x", (case.m, case.k), case.dtype)
-    a = _values(case, "lora_a", (case.rank_total, case.k), case.adapter_dtype,
+    x = draw_values(case, "x", (case.m, case.k), case.dtype)
+    a = draw_values(case, "lora_a", (case.rank_total, case.k), case.adapter_dtype,
                 std=case.k ** -0.5 if case.k else 1.0)
     x, a = x.to(case.dtype).to(F64), a.to(case.adapter_dtype).to(F64)  # the values the op sees
     h = reference.shrink(x, a, case.p, seed_for(case))
@@ -329,7 +329,7 @@ def shrink_sample(case: Case, device: torch.device) -> Sample:
 
 def expand_add_sample(case: Case, device: torch.device) -> Sample:
     """expand_add_(y [M, N] (guarded), h [M, S*r] float32, lora_b [N, r], scale, slice_offsets)."""
-    y = guarded(_values(case, "y", (case.m, case.n), case.dtype, magnitude=2), case.layout, device, case.dtype)
+    y = guarded(draw_values(case, "y", (case.m, case.n), case.dtype, magnitude=2), case.layout, device, case.dtype)
     args = (y.view, _h(case, device), _lora_b(case, device), case.scale, list(case.offsets))
     return Sample("expand_add_", case, args, {"y": y}, ("y", "h", "lora_b", "scale", "slice_offsets"))
 
@@ -338,10 +338,10 @@ def merge_sample(case: Case, device: torch.device, op: str = "merge_") -> Sample
     """merge_ / restore_codes (weight [N, K] or [K, N] when transposed, contiguous and guarded for merge_,
     lora_a [r, K], lora_b [N, r], scale, transposed). For unmerge_exact_ the caller appends codes."""
     shape = (case.k, case.n) if case.transposed else (case.n, case.k)
-    w = guarded(_values(case, "weight", shape, case.dtype, magnitude=2), "contiguous", device, case.dtype)
-    a = _place(_values(case, "lora_a", (case.r, case.k), case.adapter_dtype, std=case.k ** -0.5),
+    w = guarded(draw_values(case, "weight", shape, case.dtype, magnitude=2), "contiguous", device, case.dtype)
+    a = _place(draw_values(case, "lora_a", (case.r, case.k), case.adapter_dtype, std=case.k ** -0.5),
                case.layout, device, case.adapter_dtype)
-    b = _place(_values(case, "lora_b", (case.n, case.r), case.adapter_dtype, std=case.r ** -0.5),
+    b = _place(draw_values(case, "lora_b", (case.n, case.r), case.adapter_dtype, std=case.r ** -0.5),
                case.layout, device, case.adapter_dtype)
     args = (w.view, a, b, case.scale, case.transposed)
     return Sample(op, case, args, {"weight": w}, ("weight", "lora_a", "lora_b", "scale", "transposed"))
@@ -350,11 +350,11 @@ def merge_sample(case: Case, device: torch.device, op: str = "merge_") -> Sample
 def backward_sample(case: Case, device: torch.device) -> Sample:
     """backward(grad_y [M, N], x [M, K], h [M, R], lora_a, lora_b, scale, dropout_p, seed,
     slice_offsets, grad_x [M, K] (guarded) or None)."""
-    grad_y = _place(_values(case, "grad_y", (case.m, case.n), case.dtype), case.layout, device, case.dtype)
+    grad_y = _place(draw_values(case, "grad_y", (case.m, case.n), case.dtype), case.layout, device, case.dtype)
     guards = {}
     grad_x = None
     if case.grad_x:
-        guards["grad_x"] = guarded(_values(case, "grad_x", (case.m, case.k), case.dtype, magnitude=2), case.layout,
+        guards["grad_x"] = guarded(draw_values(case, "grad_x", (case.m, case.k), case.dtype, magnitude=2), case.layout,
                                    device, case.dtype)
         grad_x = guards["grad_x"].view
     args = (grad_y, _x(case, device), _h(case, device), _lora_a(case, device), _lora_b(case, device), case.scale,
@@ -366,11 +366,11 @@ def backward_sample(case: Case, device: torch.device) -> Sample:
 def lora_linear_sample(case: Case, device: torch.device) -> Sample:
     """lora_linear(x [M, K], weight [N, K], bias [N] or None, lora_a, lora_b, scale, dropout_p, seed,
     slice_offsets)."""
-    w = _place(_values(case, "weight", (case.n, case.k), case.dtype, std=case.k ** -0.5 if case.k else 1.0),
+    w = _place(draw_values(case, "weight", (case.n, case.k), case.dtype, std=case.k ** -0.5 if case.k else 1.0),
                case.layout, device, case.dtype)
     bias = None
     if case.bias:
-        bias = _place(_values(case, "bias", (case.n,), case.dtype), case.layout, device, case.dtype)
+        bias = _place(draw_values(case, "bias", (case.n,), case.dtype), case.layout, device, case.dtype)
     args = (_x(case, device), w, bias, _lora_a(case, device), _lora_b(case, device), case.scale, case.p,
             seed_for(case), list(case.offsets))
     names = ("x", "weight", "bias", "lora_a", "lora_b", "scale", "dropout_p", "seed", "slice_offsets")
