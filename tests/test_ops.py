@@ -135,3 +135,45 @@ def test_lora_linear_op(device_name, case):
     check_result(f"lora_linear [{case}] h", case, h, reference.shrink(x, lora_a, p, seed), ref_h)
     assert_unchanged(before, s.tensors(), f"lora_linear [{case}]")
 
+
+
+def _grad_cases(cases):
+    return [c for c in cases if max(c.m, c.n) >= 250 and c.adapter_dtype == torch.float32 and c.values == "random"
+            and c.dtype in (torch.float32, torch.bfloat16)]
+
+
+BUILDERS_NEEDING = {
+    "shrink": (shrink_sample, SHRINK_CASES, ("x", "lora_a")),
+    "expand_add_": (expand_add_sample, EXPAND_CASES, ("h", "lora_b")),
+    "merge_": (merge_sample, MERGE_CASES, ("lora_a", "lora_b")),
+    "backward": (backward_sample, BACKWARD_CASES, ("grad_y", "x", "h", "lora_a", "lora_b")),
+}
+GRAD_PARAMS = [
+    pytest.param(op, device_name, case, id=f"{op}-{p.id}")
+    for op, (_, cases, _) in BUILDERS_NEEDING.items()
+    for p in device_cases(_grad_cases(cases))
+    for device_name, case in [p.values]
+]
+
+
+@pytest.mark.parametrize("grad_enabled", (False, True), ids=("no_grad", "grad_enabled"))
+@pytest.mark.parametrize("op, device_name, case", GRAD_PARAMS)
+def test_inputs_that_require_grad(op, device_name, case, grad_enabled):
+    """Read-only inputs that require grad (adapter parameters, activations of a training step) give the
+    same bits as detached ones, with grad mode on or off, on shapes large enough to use several threads."""
+    device = use_device(device_name, op)
+    build, _, names = BUILDERS_NEEDING[op]
+    plain, tracked = build(case, device), build(case, device)
+    args = list(tracked.args)
+    for name in names:
+        i = tracked.names.index(name)
+        args[i] = args[i].detach().requires_grad_(True)
+    with torch.set_grad_enabled(grad_enabled):
+        expected = plain.run()
+        got = getattr(torch.ops.loracuda, op)(*args)
+    outputs = [t for t in (got if isinstance(got, tuple) else (got,)) if t is not None]
+    outputs += [g.view for g in tracked.guards.values()]
+    reference_outputs = [t for t in (expected if isinstance(expected, tuple) else (expected,)) if t is not None]
+    reference_outputs += [g.view for g in plain.guards.values()]
+    for out, ref in zip(outputs, reference_outputs):
+        assert torch.equal(out.detach(), ref), f"{op} [{case}]: requires_grad inputs changed the result"
