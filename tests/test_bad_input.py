@@ -185,23 +185,34 @@ def _id(case):
     return f"{op}-{arg}-{exc.__name__}"
 
 
+def _on(value, device: torch.device):
+    """value moved to device with its strides and storage offset kept (views stay views of a buffer)."""
+    if not isinstance(value, torch.Tensor) or value.device == device:
+        return value
+    base = value if value._base is None else value._base
+    return base.to(device).as_strided(value.size(), value.stride(), value.storage_offset())
+
+
 @pytest.mark.parametrize("case", CASES, ids=[f"{_id(c)}-{i}" for i, c in enumerate(CASES)])
-def test_rejected(case):
+def test_rejected(device, case):
     op, overrides, exc, arg = case
-    ops = LORA_LINEAR_OPS if op == "lora_linear" else (op,)
-    use_device("cpu", *ops)
+    use_device(device.type, *(LORA_LINEAR_OPS if op == "lora_linear" else (op,)))
     args = base_args()
     args.update(overrides(args))
+    # Every tensor on the device under test; the seed stays on the CPU, where it may always live.
+    args = {n: v if n == "seed" else _on(v, device) for n, v in args.items()}
     _expect_rejection(op, args, exc, arg)
 
 
 @pytest.mark.parametrize("other", ("meta", pytest.param("cuda", marks=pytest.mark.cuda)))
 @pytest.mark.parametrize("op, arg", DEVICE_CASES, ids=[f"{o}-{a}" for o, a in DEVICE_CASES])
 def test_rejected_device_mix(op, arg, other):
-    """One argument on another device than the rest (CPU): meta is enough without a GPU."""
+    """One argument on another device than the rest (CPU): meta is enough without a GPU; with one,
+    the argument on the GPU reaches the CUDA kernel's checks."""
+    ops = LORA_LINEAR_OPS if op == "lora_linear" else (op,)
     if other == "cuda":
-        use_device("cuda", op)
-    use_device("cpu", *(LORA_LINEAR_OPS if op == "lora_linear" else (op,)))
+        use_device("cuda", *ops)
+    use_device("cpu", *ops)
     args = base_args()
     args[arg] = args[arg].to(other)
     _expect_rejection(op, args, ValueError, arg)
