@@ -233,8 +233,8 @@ class Guard:
 
     buffer: Tensor
     view: Tensor
-    outside: Tensor  # bool, buffer's shape: True where the buffer is not part of the view
-    before: Tensor  # copy of buffer's bits at creation
+    outside: Tensor  # bool on the CPU, buffer's shape: True where the buffer is not part of the view
+    before: Tensor  # buffer's bits at creation, on the CPU (see bit_pattern)
 
     def changed_outside(self) -> int:
         """The number of guard elements whose bits differ from what they were at creation."""
@@ -249,12 +249,12 @@ def guarded(values: Tensor, layout: str, device: torch.device, dtype: torch.dtyp
         pad = 8
         buffer = torch.full((rows * cols + 2 * pad,), float("nan"), device=device, dtype=dtype)
         view = buffer[pad : pad + rows * cols].view(rows, cols)
-        inside = torch.zeros(buffer.shape, dtype=torch.bool, device=device)
+        inside = torch.zeros(buffer.shape, dtype=torch.bool)
         inside[pad : pad + rows * cols] = True
     else:
         buffer = torch.full((rows + 2, cols + 5), float("nan"), device=device, dtype=dtype)
         view = buffer[1 : rows + 1, 2 : cols + 2]
-        inside = torch.zeros(buffer.shape, dtype=torch.bool, device=device)
+        inside = torch.zeros(buffer.shape, dtype=torch.bool)
         inside[1 : rows + 1, 2 : cols + 2] = True
     view.copy_(values.to(device=device, dtype=dtype))
     return Guard(buffer, view, ~inside, bit_pattern(buffer))

@@ -218,9 +218,9 @@ def test_rejected_device_mix(op, arg, other):
     _expect_rejection(op, args, ValueError, arg)
 
 
-def test_functional_rejects_bad_dropout_p_and_rank():
-    use_device("cpu", *LORA_LINEAR_OPS)
-    a = base_args()
+def test_functional_rejects_bad_dropout_p_and_rank(device):
+    use_device(device.type, *LORA_LINEAR_OPS)
+    a = base_args(device)
     for p in (1.0, -0.5, 2.0):
         before = snapshot({"x": a["x"]})
         with pytest.raises(ValueError, match=r"loracuda\.lora_linear: argument 'dropout_p'"):
@@ -228,7 +228,7 @@ def test_functional_rejects_bad_dropout_p_and_rank():
                                  training=True)
         assert_unchanged(before, {"x": a["x"]})
     with pytest.raises(ValueError, match=r"loracuda\.lora_linear: argument 'x'"):
-        loracuda.lora_linear(torch.tensor(1.0), a["weight"], a["bias"], a["lora_a"], a["lora_b"], 1.0)
+        loracuda.lora_linear(torch.tensor(1.0, device=device), a["weight"], a["bias"], a["lora_a"], a["lora_b"], 1.0)
 
 
 @pytest.mark.parametrize("layout", ("contiguous", "padded"))
