@@ -376,11 +376,3 @@ def lora_linear_sample(case: Case, device: torch.device) -> Sample:
     names = ("x", "weight", "bias", "lora_a", "lora_b", "scale", "dropout_p", "seed", "slice_offsets")
     return Sample("lora_linear", case, args, {}, names)
 
-
-BUILDERS = {
-    "shrink": (SHRINK_CASES, shrink_sample),
-    "expand_add_": (EXPAND_CASES, expand_add_sample),
-    "merge_": (MERGE_CASES, merge_sample),
-    "backward": (BACKWARD_CASES, backward_sample),
-    "lora_linear": (LORA_LINEAR_CASES, lora_linear_sample),
-}

@@ -41,13 +41,15 @@ def test_forward_matches_reference(device_name, case):
     y = loracuda.lora_linear(x, weight, bias, lora_a, lora_b, scale, p, training=True, seed=seed,
                              slice_offsets=offsets)
     assert y.dtype == case.dtype and tuple(y.shape) == (*LEAD[case.m], case.n)
-    ref64 = reference.lora_linear(to64(x), to64(weight), to64(bias), to64(lora_a), to64(lora_b), scale, p, seed, offsets)
+    ref64 = reference.lora_linear(to64(x), to64(weight), to64(bias), to64(lora_a), to64(lora_b), scale, p, seed,
+                                  offsets)
     plain = reference.lora_linear(x, weight, bias, lora_a, lora_b, scale, p, seed, offsets)
     check_result(f"lora_linear [{case}] y", case, y, plain, ref64)
 
 
 def _grads(fn, leaves: dict, grad_y):
-    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in leaves.items()}
+    # detach() keeps the storage and strides (padded / column-major layouts stay as sampled).
+    leaves = {k: v.detach().requires_grad_(True) for k, v in leaves.items()}
     y = fn(**leaves)
     grads = torch.autograd.grad(y, list(leaves.values()), grad_y)
     return y, dict(zip(leaves, grads))
@@ -74,8 +76,12 @@ def test_gradients_match_reference(device_name, case):
 
         return _grads(fn, leaves, cast(grad_y))
 
-    ours = lambda *a: loracuda.lora_linear(*a, scale, p, training=True, seed=seed, slice_offsets=offsets)
-    plain = lambda *a: reference.lora_linear(*a, scale, p, seed, offsets)
+    def ours(*a):
+        return loracuda.lora_linear(*a, scale, p, training=True, seed=seed, slice_offsets=offsets)
+
+    def plain(*a):
+        return reference.lora_linear(*a, scale, p, seed, offsets)
+
     _, got = run(ours, lambda t: t)
     _, plain_grads = run(plain, lambda t: t)
     _, ref_grads = run(plain, to64)
