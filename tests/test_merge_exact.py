@@ -160,3 +160,28 @@ def test_merge_with_negative_scale_is_the_inexact_unmerge(device_name, case):
                             transposed)
     check_result(f"merge_(s), merge_(-s) [{case}]", case, weight, plain, to64(original))
     assert_guards_intact(s)
+
+
+@pytest.mark.parametrize("dtype, adapter_dtype", ((BF16, F32), (F16, F16), (F32, F32)))
+def test_round_trip_across_cpu_thread_counts(dtype, adapter_dtype):
+    """Codes made with one thread count, the merge with another and the unmerge with a third still
+    restore the weight: each element's delta must not depend on how the work was split."""
+    use_device("cpu", *MERGE_OPS)
+    g = torch.Generator().manual_seed(21)
+    weight = torch.randn(515, 131, generator=g).to(dtype)
+    lora_a = (torch.randn(16, 131, generator=g) / 131**0.5).to(adapter_dtype)
+    lora_b = (torch.randn(515, 16, generator=g)).to(adapter_dtype)
+    original = weight.clone()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(max(threads, 2))
+        codes = ops.restore_codes(weight, lora_a, lora_b, 3.0, False)
+        torch.set_num_threads(1)
+        ops.merge_(weight, lora_a, lora_b, 3.0, False)
+        torch.set_num_threads(max(threads, 2))
+        ops.unmerge_exact_(weight, lora_a, lora_b, 3.0, codes, False)
+    finally:
+        torch.set_num_threads(threads)
+    patch = torch.nonzero(unpack_codes(codes, weight.numel()) == 3).reshape(-1)
+    weight.view(-1)[patch] = original.view(-1)[patch]
+    assert torch.equal(bit_pattern(weight), bit_pattern(original))

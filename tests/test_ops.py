@@ -33,6 +33,7 @@ from samples import (
     MERGE_CASES,
     SHRINK_CASES,
     backward_sample,
+    bit_pattern,
     expand_add_sample,
     lora_linear_sample,
     merge_sample,
@@ -177,3 +178,16 @@ def test_inputs_that_require_grad(op, device_name, case, grad_enabled):
     reference_outputs += [g.view for g in plain.guards.values()]
     for out, ref in zip(outputs, reference_outputs):
         assert torch.equal(out.detach(), ref), f"{op} [{case}]: requires_grad inputs changed the result"
+
+
+@pytest.mark.parametrize("device_name, case", device_cases(
+    [c for c in BACKWARD_CASES if c.m == 1000 and c.values == "random" and c.dtype != torch.float64][:3]))
+def test_backward_repeats_bit_for_bit(device_name, case):
+    """The reductions over M (grad_a, grad_b) are deterministic: two runs give identical bits."""
+    device = use_device(device_name, "backward")
+    first, second = backward_sample(case, device), backward_sample(case, device)
+    out_1, out_2 = first.run(), second.run()
+    for name, one, two in zip(("grad_a", "grad_b"), out_1, out_2):
+        assert torch.equal(bit_pattern(one), bit_pattern(two)), f"backward [{case}]: {name} differs between runs"
+    if case.grad_x:
+        assert torch.equal(bit_pattern(first.guards["grad_x"].buffer), bit_pattern(second.guards["grad_x"].buffer))
