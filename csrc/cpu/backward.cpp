@@ -40,7 +40,7 @@ Tensor grad_y_pass_blocked(const Tensor& grad_y, const Tensor& h, const Tensor& 
   const T* dyp = grad_y.const_data_ptr<T>();
   const int64_t rs = row_stride(grad_y), cs = col_stride(grad_y);
   const int64_t bm = block_rows(n, sizeof(float));
-  const int64_t chunk = reduction_chunk_rows(m, bm);
+  const int64_t chunk = reduction_chunk_rows(m, bm, n * r, sizeof(float));
   const int64_t chunks = (m + chunk - 1) / chunk;
   const auto fopt = grad_y.options().dtype(at::kFloat);
   Tensor partial = at::zeros({chunks, n, r}, fopt);
@@ -81,7 +81,7 @@ Tensor x_pass_blocked(const Tensor& x, const Tensor& g, const Tensor& a, const D
   const int64_t grs = grad_x.has_value() ? row_stride(*grad_x) : 0;
   const int64_t gcs = grad_x.has_value() ? col_stride(*grad_x) : 0;
   const int64_t bm = block_rows(k, sizeof(A));
-  const int64_t chunk = reduction_chunk_rows(m, bm);
+  const int64_t chunk = reduction_chunk_rows(m, bm, big_r * k, sizeof(A));
   const int64_t chunks = (m + chunk - 1) / chunk;
   const auto aopt = x.options().dtype(g.scalar_type());
   Tensor partial = at::zeros({chunks, big_r, k}, aopt);

@@ -115,10 +115,13 @@ inline int64_t block_rows(int64_t width, int64_t elem_bytes) {
 }
 
 // A reduction over M (grad_a, grad_b) is summed per fixed chunk of rows, then the chunk partials in
-// order, so the result depends only on M, never on the thread count. At most 64 partials.
-inline int64_t reduction_chunk_rows(int64_t m, int64_t block) {
+// order, so the result depends only on the shapes, never on the thread count. The partials
+// ([chunks, partial_elems] of elem_bytes each) are capped at about 64 MiB and 64 chunks.
+inline int64_t reduction_chunk_rows(int64_t m, int64_t block, int64_t partial_elems, int64_t elem_bytes) {
+  const int64_t budget = int64_t{64} << 20;
+  const int64_t max_chunks = std::clamp<int64_t>(budget / std::max<int64_t>(1, partial_elems * elem_bytes), 2, 64);
   const int64_t min_rows = std::max<int64_t>(block, 256);
-  const int64_t rows = std::max<int64_t>(min_rows, (m + 63) / 64);
+  const int64_t rows = std::max<int64_t>(min_rows, (m + max_chunks - 1) / max_chunks);
   return (rows + block - 1) / block * block;  // whole blocks per chunk
 }
 

@@ -15,6 +15,8 @@
 // Bit patterns, not float ==, decide, so -0 / +0 and NaN are exact.
 #include <torch/library.h>
 
+#include <array>
+
 #include "checks.h"
 #include "cpu/common.h"
 
@@ -75,6 +77,25 @@ inline void pack_codes(const uint8_t* c, int64_t e0, int64_t n, uint8_t* codes) 
     for (int64_t t = k; t < n; ++t) v |= static_cast<uint8_t>(c[t] << (2 * ((e0 + t) & 3)));
     atomic_or_byte(codes + ((e0 + k) >> 2), v);
   }
+}
+
+// The four 2-bit codes of a byte as four bytes, for unpacking a row four codes at a time.
+using CodeQuad = std::array<uint8_t, 4>;
+constexpr std::array<CodeQuad, 256> make_unpack_table() {
+  std::array<CodeQuad, 256> t{};
+  for (int b = 0; b < 256; ++b) {
+    for (int q = 0; q < 4; ++q) t[b][q] = static_cast<uint8_t>((b >> (2 * q)) & 3);
+  }
+  return t;
+}
+constexpr std::array<CodeQuad, 256> kUnpack = make_unpack_table();
+
+// c[k] = code of element e0 + k, for k < n.
+inline void unpack_codes(const uint8_t* codes, int64_t e0, int64_t n, uint8_t* c) {
+  int64_t k = 0;
+  for (; k < n && ((e0 + k) & 3) != 0; ++k) c[k] = (codes[(e0 + k) >> 2] >> (2 * ((e0 + k) & 3))) & 3;
+  for (; k + 4 <= n; k += 4) std::memcpy(c + k, kUnpack[codes[(e0 + k) >> 2]].data(), 4);
+  for (; k < n; ++k) c[k] = (codes[(e0 + k) >> 2] >> (2 * ((e0 + k) & 3))) & 3;
 }
 
 // The element-wise part of each op on one row of n elements, given the row's delta d. Always inlined
@@ -144,9 +165,7 @@ void merge_family(T* w, int64_t rows, int64_t cols, const Tensor& a, const Tenso
       delta_rows<F>(ap, cols, bp, r, i0, nb, s, delta.data(), zero_b.data(), spill.data(), pf);
       for (int i = 0; i < nb; ++i) {
         const int64_t e0 = (i0 + i) * cols;
-        if (mode == Mode::unmerge) {
-          for (int64_t k = 0; k < cols; ++k) c[k] = (codes[(e0 + k) >> 2] >> (2 * ((e0 + k) & 3))) & 3;
-        }
+        if (mode == Mode::unmerge) unpack_codes(codes, e0, cols, c.data());
         row_op<T>(mode, w + e0, delta.data() + i * cols, cols, c.data());
         if (mode == Mode::codes) pack_codes(c.data(), e0, cols, codes);
       }
