@@ -93,35 +93,51 @@ def backward(
 
 
 # ---- fake implementations (shapes and dtypes only) for torch.compile and opcheck ----------------
+# They also serve the Meta dispatch key, which a call reaches when any argument is a meta tensor, so
+# they repeat the device checks of csrc/checks.h: a mix of devices is an error, not a garbage result.
+
+
+def _check_same_device(op: str, ref_name: str, ref: Tensor, **tensors: Optional[Tensor]) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(
+                f"loracuda.{op}: argument '{name}' is on {t.device} but '{ref_name}' is on {ref.device}"
+            )
 
 
 @torch.library.register_fake("loracuda::shrink")
 def _shrink_fake(x, lora_a, dropout_p, seed):
+    _check_same_device("shrink", "x", x, lora_a=lora_a)
     return x.new_empty((x.shape[0], lora_a.shape[0]), dtype=accumulate_dtype(x.dtype))
 
 
 @torch.library.register_fake("loracuda::expand_add_")
 def _expand_add_fake(y, h, lora_b, scale, slice_offsets):
+    _check_same_device("expand_add_", "y", y, h=h, lora_b=lora_b)
     return None
 
 
 @torch.library.register_fake("loracuda::merge_")
 def _merge_fake(weight, lora_a, lora_b, scale, transposed):
+    _check_same_device("merge_", "weight", weight, lora_a=lora_a, lora_b=lora_b)
     return None
 
 
 @torch.library.register_fake("loracuda::restore_codes")
 def _restore_codes_fake(weight, lora_a, lora_b, scale, transposed):
+    _check_same_device("restore_codes", "weight", weight, lora_a=lora_a, lora_b=lora_b)
     return weight.new_empty(((weight.numel() + 3) // 4,), dtype=torch.uint8)
 
 
 @torch.library.register_fake("loracuda::unmerge_exact_")
 def _unmerge_exact_fake(weight, lora_a, lora_b, scale, transposed, codes):
+    _check_same_device("unmerge_exact_", "weight", weight, lora_a=lora_a, lora_b=lora_b, codes=codes)
     return None
 
 
 @torch.library.register_fake("loracuda::backward")
 def _backward_fake(grad_y, x, h, lora_a, lora_b, scale, dropout_p, seed, slice_offsets, grad_x):
+    _check_same_device("backward", "x", x, grad_y=grad_y, h=h, lora_a=lora_a, lora_b=lora_b, grad_x=grad_x)
     return torch.empty_like(lora_a, memory_format=torch.contiguous_format), torch.empty_like(
         lora_b, memory_format=torch.contiguous_format
     )
@@ -129,6 +145,7 @@ def _backward_fake(grad_y, x, h, lora_a, lora_b, scale, dropout_p, seed, slice_o
 
 @torch.library.register_fake("loracuda::lora_linear")
 def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, slice_offsets):
+    _check_same_device("lora_linear", "x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
     y = x.new_empty((x.shape[0], weight.shape[0]))
     h = x.new_empty((x.shape[0], lora_a.shape[0]), dtype=accumulate_dtype(x.dtype))
     return y, h

@@ -1,0 +1,193 @@
+"""Every loracuda op against loracuda.reference, on the sample grid of samples.py.
+
+Each case checks: the result's shape and dtype; its values (exactly where the case's math is exact,
+else the tolerance rule of conftest.assert_within_rule: 2x plain PyTorch's error for values, 3x for
+gradients); that no output element is left unwritten (outputs are allocated under
+poisoned_allocations, so an unwritten element is NaN); that the guard elements around in-place
+outputs keep their bits; and that every read-only input keeps its bits. The grid covers odd sizes,
+M = 0, three unequal slices, strided / NaN-padded / column-major inputs, bf16 and fp16 values with
+fp32 adapters, and dropout.
+"""
+
+import pytest
+import torch
+
+from loracuda import reference
+
+from conftest import (
+    FACTOR_GRADIENTS,
+    LORA_LINEAR_OPS,
+    assert_guards_intact,
+    assert_unchanged,
+    check_result,
+    device_cases,
+    poisoned_allocations,
+    snapshot,
+    to64,
+    use_device,
+)
+from samples import (
+    BACKWARD_CASES,
+    EXPAND_CASES,
+    LORA_LINEAR_CASES,
+    MERGE_CASES,
+    SHRINK_CASES,
+    backward_sample,
+    bit_pattern,
+    expand_add_sample,
+    lora_linear_sample,
+    merge_sample,
+    shrink_sample,
+)
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@pytest.mark.parametrize("device_name, case", device_cases(SHRINK_CASES))
+def test_shrink(device_name, case):
+    device = use_device(device_name, "shrink")
+    s = shrink_sample(case, device)
+    x, lora_a, p, seed = s.args
+    before = snapshot(s.tensors())
+    with poisoned_allocations():
+        h = s.run()
+    assert h.dtype == _acc(case.dtype) and h.device == device, f"h: {h.dtype} on {h.device}"
+    assert tuple(h.shape) == (case.m, case.rank_total)
+    ref64 = reference.shrink(to64(x), to64(lora_a), p, seed)
+    plain = reference.shrink(x, lora_a, p, seed)
+    check_result(f"shrink [{case}] h", case, h, plain, ref64)
+    assert_unchanged(before, s.tensors(), f"shrink [{case}]")
+
+
+@pytest.mark.parametrize("device_name, case", device_cases(EXPAND_CASES))
+def test_expand_add(device_name, case):
+    device = use_device(device_name, "expand_add_")
+    s = expand_add_sample(case, device)
+    y, h, lora_b, scale, offsets = s.args
+    y0 = y.clone()
+    before = snapshot({"h": h, "lora_b": lora_b})
+    with poisoned_allocations():
+        result = s.run()
+    assert result is None
+    ref64 = reference.expand_add(to64(y0), to64(h), to64(lora_b), scale, offsets)
+    plain = reference.expand_add(y0, h, lora_b, scale, offsets)
+    check_result(f"expand_add_ [{case}] y", case, y, plain, ref64)
+    assert_guards_intact(s)
+    assert_unchanged(before, {"h": h, "lora_b": lora_b}, f"expand_add_ [{case}]")
+
+
+@pytest.mark.parametrize("device_name, case", device_cases(MERGE_CASES))
+def test_merge(device_name, case):
+    device = use_device(device_name, "merge_")
+    s = merge_sample(case, device)
+    weight, lora_a, lora_b, scale, transposed = s.args
+    w0 = weight.clone()
+    before = snapshot({"lora_a": lora_a, "lora_b": lora_b})
+    with poisoned_allocations():
+        result = s.run()
+    assert result is None
+    ref64 = reference.merge(to64(w0), to64(lora_a), to64(lora_b), scale, transposed)
+    plain = reference.merge(w0, lora_a, lora_b, scale, transposed)
+    check_result(f"merge_ [{case}] weight", case, weight, plain, ref64)
+    assert_guards_intact(s)
+    assert_unchanged(before, {"lora_a": lora_a, "lora_b": lora_b}, f"merge_ [{case}]")
+
+
+@pytest.mark.parametrize("device_name, case", device_cases(BACKWARD_CASES))
+def test_backward(device_name, case):
+    device = use_device(device_name, "backward")
+    s = backward_sample(case, device)
+    grad_y, x, h, lora_a, lora_b, scale, p, seed, offsets, grad_x = s.args
+    gx0 = None if grad_x is None else grad_x.clone()
+    read_only = {n: t for n, t in s.tensors().items() if n != "grad_x"}
+    before = snapshot(read_only)
+    with poisoned_allocations():
+        grad_a, grad_b = s.run()
+    assert grad_a.dtype == lora_a.dtype and tuple(grad_a.shape) == tuple(lora_a.shape), "grad_a"
+    assert grad_b.dtype == lora_b.dtype and tuple(grad_b.shape) == tuple(lora_b.shape), "grad_b"
+    ref_a, ref_b, ref_x = reference.backward(to64(grad_y), to64(x), to64(h), to64(lora_a), to64(lora_b), scale, p,
+                                             seed, offsets)
+    plain_a, plain_b, plain_x = reference.backward(grad_y, x, h, lora_a, lora_b, scale, p, seed, offsets)
+    check_result(f"backward [{case}] grad_a", case, grad_a, plain_a, ref_a, FACTOR_GRADIENTS)
+    check_result(f"backward [{case}] grad_b", case, grad_b, plain_b, ref_b, FACTOR_GRADIENTS)
+    if grad_x is not None:
+        check_result(f"backward [{case}] grad_x", case, grad_x, gx0 + plain_x, to64(gx0) + ref_x, FACTOR_GRADIENTS)
+    assert_guards_intact(s)
+    assert_unchanged(before, read_only, f"backward [{case}]")
+
+
+@pytest.mark.parametrize("device_name, case", device_cases(LORA_LINEAR_CASES))
+def test_lora_linear_op(device_name, case):
+    device = use_device(device_name, *LORA_LINEAR_OPS)
+    s = lora_linear_sample(case, device)
+    x, weight, bias, lora_a, lora_b, scale, p, seed, offsets = s.args
+    before = snapshot(s.tensors())
+    with poisoned_allocations():
+        y, h = s.run()
+    assert y.dtype == case.dtype and tuple(y.shape) == (case.m, case.n), f"y: {y.dtype} {tuple(y.shape)}"
+    assert h.dtype == _acc(case.dtype) and tuple(h.shape) == (case.m, case.rank_total), f"h: {h.dtype}"
+    ref_y = reference.lora_linear(to64(x), to64(weight), to64(bias), to64(lora_a), to64(lora_b), scale, p, seed,
+                                  offsets)
+    plain_y = reference.lora_linear(x, weight, bias, lora_a, lora_b, scale, p, seed, offsets)
+    check_result(f"lora_linear [{case}] y", case, y, plain_y, ref_y)
+    ref_h = reference.shrink(to64(x), to64(lora_a), p, seed)
+    check_result(f"lora_linear [{case}] h", case, h, reference.shrink(x, lora_a, p, seed), ref_h)
+    assert_unchanged(before, s.tensors(), f"lora_linear [{case}]")
+
+
+
+def _grad_cases(cases):
+    return [c for c in cases if max(c.m, c.n) >= 250 and c.adapter_dtype == torch.float32 and c.values == "random"
+            and c.dtype in (torch.float32, torch.bfloat16)]
+
+
+BUILDERS_NEEDING = {
+    "shrink": (shrink_sample, SHRINK_CASES, ("x", "lora_a")),
+    "expand_add_": (expand_add_sample, EXPAND_CASES, ("h", "lora_b")),
+    "merge_": (merge_sample, MERGE_CASES, ("lora_a", "lora_b")),
+    "backward": (backward_sample, BACKWARD_CASES, ("grad_y", "x", "h", "lora_a", "lora_b")),
+}
+GRAD_PARAMS = [
+    pytest.param(op, device_name, case, id=f"{op}-{p.id}")
+    for op, (_, cases, _) in BUILDERS_NEEDING.items()
+    for p in device_cases(_grad_cases(cases))
+    for device_name, case in [p.values]
+]
+
+
+@pytest.mark.parametrize("grad_enabled", (False, True), ids=("no_grad", "grad_enabled"))
+@pytest.mark.parametrize("op, device_name, case", GRAD_PARAMS)
+def test_inputs_that_require_grad(op, device_name, case, grad_enabled):
+    """Read-only inputs that require grad (adapter parameters, activations of a training step) give the
+    same bits as detached ones, with grad mode on or off, on shapes large enough to use several threads."""
+    device = use_device(device_name, op)
+    build, _, names = BUILDERS_NEEDING[op]
+    plain, tracked = build(case, device), build(case, device)
+    args = list(tracked.args)
+    for name in names:
+        i = tracked.names.index(name)
+        args[i] = args[i].detach().requires_grad_(True)
+    with torch.set_grad_enabled(grad_enabled):
+        expected = plain.run()
+        got = getattr(torch.ops.loracuda, op)(*args)
+    outputs = [t for t in (got if isinstance(got, tuple) else (got,)) if t is not None]
+    outputs += [g.view for g in tracked.guards.values()]
+    reference_outputs = [t for t in (expected if isinstance(expected, tuple) else (expected,)) if t is not None]
+    reference_outputs += [g.view for g in plain.guards.values()]
+    for out, ref in zip(outputs, reference_outputs):
+        assert torch.equal(out.detach(), ref), f"{op} [{case}]: requires_grad inputs changed the result"
+
+
+@pytest.mark.parametrize("device_name, case", device_cases(
+    [c for c in BACKWARD_CASES if c.m == 1000 and c.values == "random" and c.dtype != torch.float64][:3]))
+def test_backward_repeats_bit_for_bit(device_name, case):
+    """The reductions over M (grad_a, grad_b) are deterministic: two runs give identical bits."""
+    device = use_device(device_name, "backward")
+    first, second = backward_sample(case, device), backward_sample(case, device)
+    out_1, out_2 = first.run(), second.run()
+    for name, one, two in zip(("grad_a", "grad_b"), out_1, out_2):
+        assert torch.equal(bit_pattern(one), bit_pattern(two)), f"backward [{case}]: {name} differs between runs"
+    if case.grad_x:
+        assert torch.equal(bit_pattern(first.guards["grad_x"].buffer), bit_pattern(second.guards["grad_x"].buffer))
