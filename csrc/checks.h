@@ -98,9 +98,9 @@ inline std::vector<int64_t> check_slice_offsets(at::IntArrayRef slice_offsets, i
 // ---- per-op checks ----------------------------------------------------------------------------
 
 // shrink: x [M, K], lora_a [R, K].
+// `op` names the caller in messages (lora_linear reuses these checks).
 inline void check_shrink_args(const at::Tensor& x, const at::Tensor& lora_a, double dropout_p,
-                              const std::optional<at::Tensor>& seed) {
-  const char* op = "shrink";
+                              const std::optional<at::Tensor>& seed, const char* op = "shrink") {
   check_dim(x, 2, op, "x", "[M, K]");
   check_dim(lora_a, 2, op, "lora_a", "[R, K]");
   check_value_dtype(x, op, "x");
@@ -206,6 +206,7 @@ inline std::vector<int64_t> check_backward_args(const at::Tensor& grad_y, const 
   const int64_t m = x.size(0), k = x.size(1), n = grad_y.size(1);
   LORACUDA_CHECK_ARG(grad_y.size(0) == m, op, "grad_y", "must have M = ", m, " rows (from 'x'), got shape ",
                      grad_y.sizes());
+  LORACUDA_CHECK_ARG(k >= 1, op, "x", "must have K >= 1 columns, got shape ", x.sizes());
   LORACUDA_CHECK_ARG(lora_a.size(1) == k && lora_a.size(0) >= 1, op, "lora_a", "must be [R, K] with K = ", k,
                      ", got shape ", lora_a.sizes());
   LORACUDA_CHECK_ARG(h.size(0) == m && h.size(1) == lora_a.size(0), op, "h", "must be [M, R] = [", m, ", ",

@@ -44,9 +44,9 @@ def lora_linear(
     ``training`` and ``dropout_p > 0``; ``seed`` (int or int64 tensor) fixes the mask, else a fresh
     seed is drawn. Returns y [..., N] in x's dtype.
     """
-    p = float(dropout_p) if training else 0.0
-    if not 0.0 <= p < 1.0:
+    if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"loracuda.lora_linear: argument 'dropout_p' must be in [0, 1), got {dropout_p}")
+    p = float(dropout_p) if training else 0.0
     if x.dim() < 1:
         raise ValueError("loracuda.lora_linear: argument 'x' must have at least one dimension [..., K]")
     seed_t = None

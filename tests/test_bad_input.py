@@ -124,6 +124,7 @@ CASES = [
     ("backward", lambda a: {"lora_a": t(R, K + 1)}, V, "lora_a"),
     ("backward", lambda a: {"lora_a": t(0, K), "h": t(M, 0)}, V, "lora_a"),  # r = 0
     ("backward", lambda a: {"lora_b": t(N + 1, R)}, V, "lora_b"),
+    ("backward", lambda a: {"x": t(M, 0), "lora_a": t(R, 0), "grad_x": t(M, 0)}, V, "x"),  # K = 0
     ("backward", lambda a: {"x": t(M, K, dtype=BF16), "grad_y": t(M, N, dtype=BF16), "lora_a": t(R, K, dtype=F16)},
      T, "lora_a"),
     ("backward", lambda a: {"slice_offsets": [0, 2, 2, N]}, V, "slice_offsets"),
@@ -174,8 +175,7 @@ def _call(op: str, args: dict):
 def _expect_rejection(op, args, exc, arg):
     tensors = {n: v for n, v in args.items() if isinstance(v, torch.Tensor) and n in SCHEMAS[op]}
     before = snapshot(tensors)
-    # The op named in the message may be the one whose checks ran (lora_linear runs shrink's).
-    with pytest.raises(exc, match=rf"loracuda\.\w+: argument '{arg}'"):
+    with pytest.raises(exc, match=rf"loracuda\.{op}: argument '{arg}'"):
         _call(op, args)
     assert_unchanged(before, tensors, f"{op} after rejecting '{arg}'")
 
@@ -222,11 +222,12 @@ def test_functional_rejects_bad_dropout_p_and_rank(device):
     use_device(device.type, *LORA_LINEAR_OPS)
     a = base_args(device)
     for p in (1.0, -0.5, 2.0):
-        before = snapshot({"x": a["x"]})
-        with pytest.raises(ValueError, match=r"loracuda\.lora_linear: argument 'dropout_p'"):
-            loracuda.lora_linear(a["x"], a["weight"], a["bias"], a["lora_a"], a["lora_b"], 1.0, dropout_p=p,
-                                 training=True)
-        assert_unchanged(before, {"x": a["x"]})
+        for training in (True, False):  # an invalid p is an error in eval mode too, not silently ignored
+            before = snapshot({"x": a["x"]})
+            with pytest.raises(ValueError, match=r"loracuda\.lora_linear: argument 'dropout_p'"):
+                loracuda.lora_linear(a["x"], a["weight"], a["bias"], a["lora_a"], a["lora_b"], 1.0, dropout_p=p,
+                                     training=training)
+            assert_unchanged(before, {"x": a["x"]})
     with pytest.raises(ValueError, match=r"loracuda\.lora_linear: argument 'x'"):
         loracuda.lora_linear(torch.tensor(1.0, device=device), a["weight"], a["bias"], a["lora_a"], a["lora_b"], 1.0)
 
