@@ -177,9 +177,11 @@ class LoRALinear(nn.Module):
             n = names[0]
             return self._factor(self.lora_A[n], dtype), self._factor(self.lora_B[n], dtype), self.scaling[n]
         # Sum of adapters = one adapter of rank sum(r_i): A stacked along rows, B along columns with each
-        # adapter's scale folded in (float32, so that factors of different dtypes can be stacked).
-        a = torch.cat([self.lora_A[n].to(torch.float32) for n in names], dim=0)
-        b = torch.cat([self.lora_B[n].to(torch.float32) * self.scaling[n] for n in names], dim=1)
+        # adapter's scale folded in (float32, or float64 for float64 activations, so that factors of
+        # different dtypes can be stacked).
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        a = torch.cat([self.lora_A[n].to(acc) for n in names], dim=0)
+        b = torch.cat([self.lora_B[n].to(acc) * self.scaling[n] for n in names], dim=1)
         return a, b, 1.0
 
     def extra_repr(self) -> str:

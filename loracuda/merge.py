@@ -240,5 +240,8 @@ def unmerge(model: nn.Module, adapter: Union[None, str, Iterable[str]] = None) -
             else:
                 ops.merge_(w, a, b, -rec.scale, layer.fan_in_fan_out)
             del layer.merged[n]
+            if layer.merged:  # the weight is back to what the previous merge left: its record applies again
+                prev = layer.merged[next(reversed(layer.merged))]
+                prev.versions = (w._version,) + tuple(prev.versions[1:])
         done.append(path)
     return done

@@ -69,7 +69,7 @@ def logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return (out.logits if hasattr(out, "logits") else out).float()
 
 
-def randomize_adapters(model: nn.Module, scale_b: float = 0.05, seed: int = 3) -> None:
+def randomize_adapters(model: nn.Module, scale_b: float = 0.002, seed: int = 3) -> None:
     """Gives every LoRA B (loracuda or PEFT naming) small random values, so that the adapter changes the
     outputs without swamping the base weights."""
     g = torch.Generator().manual_seed(seed)
