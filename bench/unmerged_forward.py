@@ -1,0 +1,112 @@
+"""Unmerged LoRA forward against the merged (base-only) forward, with PEFT's unmerged forward beside it.
+
+Model: a Llama config with hidden 2048, intermediate 5632, 2 layers, random weights, float32; rank 16
+on every linear layer but the output head; a batch of 4 x 256 tokens; inference (no_grad). The
+vocabulary is kept small (default 256) so the unadapted output head does not dilute the comparison;
+--vocab changes it. Prints the median and 20th/80th percentiles (seconds) and the ratios.
+
+    python bench/unmerged_forward.py [--reps 5] [--vocab 256] [--threads N]
+"""
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the in-place build
+
+
+def timed(fn, reps, warmup=1):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
+    return statistics.median(times), q[0], q[3]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--vocab", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--intermediate", type=int, default=5632)
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--no-peft", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import loracuda
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=2,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        vocab_size=args.vocab,
+        max_position_embeddings=max(512, args.tokens),
+    )
+    base = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, args.vocab, (args.batch, args.tokens))
+
+    def randomize(model):
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+
+    ours = copy.deepcopy(base)
+    loracuda.inject(ours, loracuda.LoraConfig(r=16, alpha=32))
+    randomize(ours)
+
+    def run(model):
+        def f():
+            with torch.no_grad():
+                model(ids)
+
+        return f
+
+    results = {}
+    results["loracuda unmerged"] = timed(run(ours), args.reps)
+    loracuda.merge(ours)
+    results["loracuda merged (base only)"] = timed(run(ours), args.reps)
+    loracuda.unmerge(ours)
+    del ours
+    if not args.no_peft:
+        import peft
+
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")).eval()
+        randomize(pm)
+        results["peft unmerged"] = timed(run(pm), args.reps)
+        del pm
+    results["plain base model"] = timed(run(base), args.reps)
+
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, hidden {args.hidden}, intermediate "
+          f"{args.intermediate}, 2 layers, r=16 all linear, fp32, batch {args.batch}x{args.tokens}, vocab {args.vocab}")
+    for name, (med, p20, p80) in results.items():
+        print(f"  {name:30s} median {med * 1e3:9.1f} ms   p20 {p20 * 1e3:9.1f}   p80 {p80 * 1e3:9.1f}")
+    merged = results["loracuda merged (base only)"][0]
+    print(f"  loracuda unmerged / merged:   {results['loracuda unmerged'][0] / merged:.3f}  (target <= 1.05)")
+    if "peft unmerged" in results:
+        print(f"  peft unmerged / merged:       {results['peft unmerged'][0] / merged:.3f}")
+        print(f"  peft unmerged / loracuda unmerged: {results['peft unmerged'][0] / results['loracuda unmerged'][0]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
