@@ -9,12 +9,16 @@ refuses, before writing anything, when that exceeds a quarter of the weight's by
 Every check (the records' sizes, safe mode's finite checks, the adapters' dtypes) runs on every layer
 before the first weight is written, so an error leaves the whole model unchanged.
 
+Several adapters merged into a layer by one call are merged as one sum (their factors stacked along
+the rank, each B times its scale, scale 1), so that one record, made before anything is written,
+covers them; they come off together.
+
 The record is valid only while the adapter factors and the merged weight are unchanged: their tensor
 version counters are kept and unmerge refuses to run exactly if any has moved.
 """
 
 import dataclasses
-from typing import Iterable, Optional, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -29,16 +33,19 @@ _SAFE_BLOCK_ELEMS = 1 << 20
 
 @dataclasses.dataclass
 class MergeRecord:
-    """How to undo one merge: scale used, exactness, restore codes (uint8 [ceil(numel/4)]), flat indices
-    (int32 or int64) and saved values (the weight's dtype) of the elements with code 3, and the version
-    counters of (weight, lora_a, lora_b) right after the merge."""
+    """How to undo one merge of ``adapters`` (merged together) into a layer: the scale used, exactness,
+    restore codes (uint8 [ceil(numel/4)]), flat indices (int32 or int64) and saved values (the weight's
+    dtype) of the elements with code 3, and the version counters of the weight and of each adapter's
+    (lora_A, lora_B) right after the merge."""
 
+    adapters: tuple[str, ...]
     scale: float
     exact: bool
-    codes: Optional[Tensor]
-    escape_index: Optional[Tensor]
-    escape_values: Optional[Tensor]
-    versions: tuple[int, int, int]
+    codes: Optional[Tensor] = None
+    escape_index: Optional[Tensor] = None
+    escape_values: Optional[Tensor] = None
+    weight_version: int = 0
+    factor_versions: tuple = ()
 
     @property
     def nbytes(self) -> int:
@@ -63,15 +70,24 @@ class MergeReport:
         )
 
 
-def _factors(layer: LoRALinear, name: str) -> tuple[Tensor, Tensor]:
-    """Detached factors in a dtype merge_ accepts (the weight's dtype or float32), the same tensors on
-    every call for unchanged parameters, so merge and unmerge compute the same delta bit for bit."""
+def _factors(layer: LoRALinear, names: Sequence[str]) -> tuple[Tensor, Tensor, float]:
+    """(lora_a, lora_b, scale) of the delta of ``names`` together, detached, in a dtype merge_ accepts
+    (the weight's dtype or float32). Built by the same operations on every call, so for unchanged
+    parameters merge and unmerge compute the same delta bit for bit."""
     w = layer.weight
-    a, b = layer.lora_A[name].detach(), layer.lora_B[name].detach()
     ok = (w.dtype, torch.float32)
-    a = a if a.dtype in ok else a.to(torch.float32)
-    b = b if b.dtype in ok else b.to(torch.float32)
-    return a, b
+    if len(names) == 1:
+        a, b = layer.lora_A[names[0]].detach(), layer.lora_B[names[0]].detach()
+        a = a if a.dtype in ok else a.to(torch.float32)
+        b = b if b.dtype in ok else b.to(torch.float32)
+        return a, b, layer.scaling[names[0]]
+    a = torch.cat([layer.lora_A[n].detach().to(torch.float32) for n in names], 0)
+    b = torch.cat([layer.lora_B[n].detach().to(torch.float32) * layer.scaling[n] for n in names], 1)
+    return a, b, 1.0
+
+
+def _versions(layer: LoRALinear, names: Sequence[str]) -> tuple:
+    return tuple((layer.lora_A[n]._version, layer.lora_B[n]._version) for n in names)
 
 
 def _escape_positions(codes: Tensor, numel: int) -> Tensor:
@@ -98,29 +114,42 @@ def _escape_positions(codes: Tensor, numel: int) -> Tensor:
     return pos[pos < numel]
 
 
-def _check_finite(path: str, name: str, layer: LoRALinear, a: Tensor, b: Tensor, scale: float) -> None:
-    for label, t in (("lora_A", a), ("lora_B", b)):
-        if not torch.isfinite(t).all():
-            raise ValueError(f"loracuda.merge: adapter {name!r} of layer {path!r} has inf/NaN in {label}; nothing was merged")
+def _check_finite(path: str, names: Sequence[str], layer: LoRALinear) -> None:
+    for n in names:
+        for label, t in (("lora_A", layer.lora_A[n]), ("lora_B", layer.lora_B[n])):
+            if not torch.isfinite(t.detach()).all():
+                raise ValueError(
+                    f"loracuda.merge: adapter {n!r} of layer {path!r} has inf/NaN in {label}; nothing was merged"
+                )
+    a, b, scale = _factors(layer, names)
+    a, b = a.to(torch.float32), b.to(torch.float32)
     w = layer.weight.detach()
     rows = max(1, _SAFE_BLOCK_ELEMS // max(1, w.shape[1]))
     for start in range(0, w.shape[0], rows):
         stop = min(start + rows, w.shape[0])
-        if layer.fan_in_fan_out:  # w [K, N]: rows are input features
-            d = scale * (a[:, start:stop].to(torch.float32).t() @ b.to(torch.float32).t())
+        if layer.fan_in_fan_out:  # w [K, N]: its rows are input features
+            d = scale * (a[:, start:stop].t() @ b.t())
         else:
-            d = scale * (b[start:stop].to(torch.float32) @ a.to(torch.float32))
+            d = scale * (b[start:stop] @ a)
         merged = (w[start:stop].to(torch.float32) + d).to(w.dtype)
         if not torch.isfinite(merged).all():
             raise ValueError(
-                f"loracuda.merge: merging adapter {name!r} into layer {path!r} would give inf/NaN weights "
+                f"loracuda.merge: merging {list(names)} into layer {path!r} would give inf/NaN weights "
                 f"(rows {start}..{stop - 1}); nothing was merged"
             )
 
 
+def _known(model: nn.Module) -> set:
+    return {n for _, layer in model.named_modules() if isinstance(layer, LoRALinear) for n in layer.lora_A}
+
+
 def _plan(model: nn.Module, adapter: Union[None, str, Iterable[str]]) -> list[tuple[str, LoRALinear, list[str]]]:
-    plan = []
     wanted = None if adapter is None else ([adapter] if isinstance(adapter, str) else list(adapter))
+    if wanted is not None:
+        missing = [n for n in wanted if n not in _known(model)]
+        if missing:
+            raise ValueError(f"loracuda.merge: no adapter named {missing} in the model (adapters: {sorted(_known(model))})")
+    plan = []
     for path, layer in model.named_modules():
         if not isinstance(layer, LoRALinear):
             continue
@@ -131,61 +160,10 @@ def _plan(model: nn.Module, adapter: Union[None, str, Iterable[str]]) -> list[tu
     return plan
 
 
-@torch.no_grad()
-def merge(model: nn.Module, adapter: Union[None, str, Iterable[str]] = None, safe: bool = False, exact: bool = True) -> MergeReport:
-    """Merges ``adapter`` (a name or names; None: each layer's active adapters) into the base weights in
-    place. exact=True keeps a restore record (at most a quarter of the weight's bytes; raises, naming the
-    layer, before writing anything if a record would be larger) so that unmerge restores the weights bit
-    for bit; exact=False keeps nothing and unmerge subtracts (not bit-exact in low precision).
-    safe=True checks the adapters and the would-be merged weights for inf/NaN first. Returns a MergeReport."""
-    plan = _plan(model, adapter)
-    if adapter is not None:
-        wanted = [adapter] if isinstance(adapter, str) else list(adapter)
-        known = {n for _, layer in model.named_modules() if isinstance(layer, LoRALinear) for n in layer.lora_A}
-        missing = [n for n in wanted if n not in known]
-        if missing:
-            raise ValueError(f"loracuda.merge: no adapter named {missing} in the model (adapters: {sorted(known)})")
-    if safe:
-        for path, layer, names in plan:
-            for n in names:
-                a, b = _factors(layer, n)
-                _check_finite(path, n, layer, a, b, layer.scaling[n])
-    for path, layer, _ in plan:
-        if not layer.weight.is_contiguous():
-            raise ValueError(f"loracuda.merge: the weight of layer {path!r} is not contiguous; it cannot be merged in place")
-    # Phase 1 (read-only): every record. With several adapters per layer, each merge's codes depend on
-    # the weight left by the previous one, so a layer with more than one adapter is recorded as it goes
-    # (its size check then covers its first adapter up front and the rest as they come).
-    records: dict[tuple[str, str], MergeRecord] = {}
-    if exact:
-        for path, layer, names in plan:
-            w = layer.weight
-            a, b = _factors(layer, names[0])
-            records[(path, names[0])] = _record(path, w, a, b, layer.scaling[names[0]], layer.fan_in_fan_out)
-    # Phase 2: write.
-    report = MergeReport({}, {}, 0, 0, exact)
-    for path, layer, names in plan:
-        w = layer.weight
-        for i, n in enumerate(names):
-            a, b = _factors(layer, n)
-            s = layer.scaling[n]
-            rec = records.get((path, n)) if i == 0 else None
-            if exact and rec is None:
-                rec = _record(path, w, a, b, s, layer.fan_in_fan_out)
-            if rec is None:
-                rec = MergeRecord(s, False, None, None, None, (0, 0, 0))
-            ops.merge_(w, a, b, s, layer.fan_in_fan_out)
-            rec.versions = (w._version, layer.lora_A[n]._version, layer.lora_B[n]._version)
-            layer.merged[n] = rec
-            report.layers.setdefault(path, []).append(n)
-            report.record_bytes[path] = report.record_bytes.get(path, 0) + rec.nbytes
-        report.weight_bytes += w.numel() * w.element_size()
-    report.total_record_bytes = sum(report.record_bytes.values())
-    return report
-
-
-def _record(path: str, w: Tensor, a: Tensor, b: Tensor, scale: float, transposed: bool) -> MergeRecord:
-    codes = ops.restore_codes(w, a, b, scale, transposed)
+def _record(path: str, layer: LoRALinear, names: Sequence[str]) -> MergeRecord:
+    w = layer.weight
+    a, b, scale = _factors(layer, names)
+    codes = ops.restore_codes(w, a, b, scale, layer.fan_in_fan_out)
     pos = _escape_positions(codes, w.numel())
     index_dtype = torch.int32 if w.numel() <= 2**31 - 1 else torch.int64
     index_bytes = 4 if index_dtype == torch.int32 else 8
@@ -197,61 +175,115 @@ def _record(path: str, w: Tensor, a: Tensor, b: Tensor, scale: float, transposed
             f"quarter of its weight ({budget} bytes; {pos.numel()} of {w.numel()} elements cannot be restored "
             "from codes); nothing was merged. Use merge(..., exact=False) for an inexact merge."
         )
-    values = w.view(-1)[pos].clone()
-    return MergeRecord(scale, True, codes, pos.to(index_dtype), values, (0, 0, 0))
+    values = w.detach().view(-1)[pos].clone()
+    return MergeRecord(tuple(names), scale, True, codes, pos.to(index_dtype), values)
+
+
+@torch.no_grad()
+def merge(
+    model: nn.Module, adapter: Union[None, str, Iterable[str]] = None, safe: bool = False, exact: bool = True
+) -> MergeReport:
+    """Merges ``adapter`` (a name or names; None: each layer's active adapters) into the base weights in
+    place; several adapters of a layer are merged as their sum. exact=True keeps a restore record (at
+    most a quarter of the weight's bytes; raises, naming the layer, before writing anything if a record
+    would be larger) so that unmerge restores the weights bit for bit; exact=False keeps nothing and
+    unmerge subtracts (not bit-exact in low precision). safe=True first checks the adapters and the
+    would-be merged weights for inf/NaN. Every check covers every layer before the first write.
+    Returns a MergeReport."""
+    plan = _plan(model, adapter)
+    for path, layer, _ in plan:
+        if not layer.weight.is_contiguous():
+            raise ValueError(f"loracuda.merge: the weight of layer {path!r} is not contiguous; it cannot be merged in place")
+    if safe:
+        for path, layer, names in plan:
+            _check_finite(path, names, layer)
+    # Phase 1, read-only: every record (and so every size check) before the first write.
+    if exact:
+        records = [_record(path, layer, names) for path, layer, names in plan]
+    else:
+        records = [MergeRecord(tuple(names), _factors(layer, names)[2], False) for _, layer, names in plan]
+    # Phase 2: write.
+    report = MergeReport({}, {}, 0, 0, exact)
+    for (path, layer, names), rec in zip(plan, records):
+        w = layer.weight
+        a, b, scale = _factors(layer, names)
+        ops.merge_(w, a, b, scale, layer.fan_in_fan_out)
+        rec.weight_version = w._version
+        rec.factor_versions = _versions(layer, names)
+        for n in names:
+            layer.merged[n] = rec
+        report.layers[path] = list(names)
+        report.record_bytes[path] = rec.nbytes
+        report.weight_bytes += w.numel() * w.element_size()
+    report.total_record_bytes = sum(report.record_bytes.values())
+    return report
+
+
+def _records(layer: LoRALinear) -> list[MergeRecord]:
+    """The layer's merge records in merge order (adapters merged together share one)."""
+    out = []
+    for rec in layer.merged.values():
+        if not out or out[-1] is not rec:
+            out.append(rec)
+    return out
 
 
 @torch.no_grad()
 def unmerge(model: nn.Module, adapter: Union[None, str, Iterable[str]] = None) -> list[str]:
-    """Undoes merges (all merged adapters, or the named ones), last merged first, in place: bit-exact for
-    exact merges. Raises, changing nothing, if a record no longer fits its tensors (the adapter or the
-    merged weight was modified since the merge). Returns the paths of the layers unmerged."""
-    wanted = None if adapter is None else ([adapter] if isinstance(adapter, str) else list(adapter))
+    """Undoes merges (all, or those of the named adapters), the most recent first, in place: bit-exact
+    for exact merges. Adapters merged by one call come off together. Raises, changing nothing, if a
+    record no longer fits its tensors (the adapter or the merged weight was modified since the merge)
+    or the named adapters are not the most recent merges. Returns the paths of the layers unmerged."""
+    wanted = None if adapter is None else ({adapter} if isinstance(adapter, str) else set(adapter))
     plan = []
     for path, layer in model.named_modules():
         if not (isinstance(layer, LoRALinear) and layer.merged):
             continue
-        order = list(layer.merged)  # merge order
-        names = [n for n in reversed(order) if wanted is None or n in wanted]
-        if names != list(reversed(order))[: len(names)]:
+        recs = _records(layer)
+        todo = [r for r in recs if wanted is None or wanted & set(r.adapters)]
+        if not todo:
+            continue
+        if todo != recs[len(recs) - len(todo) :]:
             # Each record was made on the weight left by the merges before it: later merges come off first.
             raise ValueError(
-                f"loracuda.unmerge: layer {path!r} has adapters {order} merged in this order; unmerge the "
-                f"later ones before {names}"
+                f"loracuda.unmerge: layer {path!r} has {[list(r.adapters) for r in recs]} merged in this order; "
+                f"unmerge the later ones first"
             )
-        if names:
-            plan.append((path, layer, names))
+        for r in todo:
+            if wanted is not None and not set(r.adapters) <= wanted:
+                raise ValueError(
+                    f"loracuda.unmerge: layer {path!r} has {list(r.adapters)} merged together; unmerge them together"
+                )
+        plan.append((path, layer, list(reversed(todo))))
     # Check every record before writing anything: the weight must be as the last merge left it and the
     # adapters as they were merged.
-    for path, layer, names in plan:
-        last = layer.merged[names[0]]
-        if last.exact and layer.weight._version != last.versions[0]:
+    for path, layer, todo in plan:
+        if todo[0].exact and layer.weight._version != todo[0].weight_version:
             raise RuntimeError(
-                f"loracuda.unmerge: the weight of layer {path!r} was modified after adapter {names[0]!r} was "
+                f"loracuda.unmerge: the weight of layer {path!r} was modified after {list(todo[0].adapters)} was "
                 "merged, so the exact restore record no longer applies; nothing was unmerged"
             )
-        for n in names:
-            rec = layer.merged[n]
-            if rec.exact and (layer.lora_A[n]._version, layer.lora_B[n]._version) != rec.versions[1:]:
+        for rec in todo:
+            if rec.exact and _versions(layer, rec.adapters) != rec.factor_versions:
                 raise RuntimeError(
-                    f"loracuda.unmerge: adapter {n!r} of layer {path!r} was modified after it was merged, so "
-                    "the exact restore record no longer applies; nothing was unmerged"
+                    f"loracuda.unmerge: adapter {list(rec.adapters)} of layer {path!r} was modified after it was "
+                    "merged, so the exact restore record no longer applies; nothing was unmerged"
                 )
     done = []
-    for path, layer, names in plan:
+    for path, layer, todo in plan:
         w = layer.weight
-        for n in names:
-            rec = layer.merged[n]
-            a, b = _factors(layer, n)
+        for rec in todo:
+            a, b, scale = _factors(layer, rec.adapters)
             if rec.exact:
-                ops.unmerge_exact_(w, a, b, rec.scale, rec.codes, layer.fan_in_fan_out)
+                ops.unmerge_exact_(w, a, b, scale, rec.codes, layer.fan_in_fan_out)
                 if rec.escape_index.numel():
                     w.view(-1)[rec.escape_index.long()] = rec.escape_values
             else:
-                ops.merge_(w, a, b, -rec.scale, layer.fan_in_fan_out)
-            del layer.merged[n]
-            if layer.merged:  # the weight is back to what the previous merge left: its record applies again
-                prev = layer.merged[next(reversed(layer.merged))]
-                prev.versions = (w._version,) + tuple(prev.versions[1:])
+                ops.merge_(w, a, b, -scale, layer.fan_in_fan_out)
+            for n in rec.adapters:
+                del layer.merged[n]
+            remaining = _records(layer)
+            if remaining:  # the weight is back to what the previous merge left: its record applies again
+                remaining[-1].weight_version = w._version
         done.append(path)
     return done

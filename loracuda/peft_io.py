@@ -315,7 +315,7 @@ def hot_swap(model: nn.Module, path: str, adapter: str = "default") -> None:
     for p in paths:
         if layers[p].scaling[adapter] == 0.0:
             raise ValueError(f"loracuda.hot_swap: layer {p!r} has scale 0 for adapter {adapter!r}; cannot fold the new scale in")
-    merged = {p: layers[p].merged[adapter].exact for p in paths if adapter in layers[p].merged}
+    merged = {p: layers[p].merged[adapter] for p in paths if adapter in layers[p].merged}
     if merged:
         unmerge(model, adapter)  # checks every record before writing
     for p in paths:
@@ -331,5 +331,5 @@ def hot_swap(model: nn.Module, path: str, adapter: str = "default") -> None:
     for key, (kind, target, _) in expected.items():
         if kind == "param":
             target.copy_(tensors[key])
-    for p, exact in merged.items():
-        merge(layers[p], adapter, exact=exact)
+    for p, rec in merged.items():
+        merge(layers[p], list(rec.adapters), exact=rec.exact)
