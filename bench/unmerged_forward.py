@@ -20,19 +20,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the in-place build
 
 
-def timed(fn, reps, warmup=1):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
-    return statistics.median(times), q[0], q[3]
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
@@ -82,20 +69,32 @@ def main():
 
         return f
 
-    results = {}
-    results["loracuda unmerged"] = timed(run(ours), args.reps)
-    loracuda.merge(ours)
-    results["loracuda merged (base only)"] = timed(run(ours), args.reps)
-    loracuda.unmerge(ours)
-    del ours
+    merged = copy.deepcopy(ours)
+    loracuda.merge(merged)
+    providers = {"loracuda unmerged": ours, "loracuda merged (base only)": merged}
     if not args.no_peft:
         import peft
 
         pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")).eval()
         randomize(pm)
-        results["peft unmerged"] = timed(run(pm), args.reps)
-        del pm
-    results["plain base model"] = timed(run(base), args.reps)
+        providers["peft unmerged"] = pm
+    providers["plain base model"] = base
+    # Round robin (one forward of each provider per round, the order rotating), so that a drift in the
+    # machine's load affects every provider alike.
+    times = {name: [] for name in providers}
+    names = list(providers)
+    for name in names:
+        run(providers[name])()  # warm-up
+    for i in range(args.reps):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            start = time.perf_counter()
+            run(providers[name])()
+            times[name].append(time.perf_counter() - start)
+    results = {}
+    for name, ts in times.items():
+        ts.sort()
+        q = statistics.quantiles(ts, n=5) if len(ts) >= 2 else [ts[0]] * 4
+        results[name] = (statistics.median(ts), q[0], q[3])
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, hidden {args.hidden}, intermediate "
           f"{args.intermediate}, 2 layers, r=16 all linear, fp32, batch {args.batch}x{args.tokens}, vocab {args.vocab}")

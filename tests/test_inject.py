@@ -89,6 +89,25 @@ def test_several_adapters_set_delete_disable():
     assert torch.equal(logits(model, tokens), base)
 
 
+def test_combined_adapter_saves_and_loads(tmp_path):
+    model = llama()
+    loracuda.inject(model, LoraConfig(r=3, alpha=6, target_modules=["q_proj", "v_proj"]), adapter="a")
+    loracuda.inject(model, LoraConfig(r=2, alpha=2, target_modules=["v_proj", "up_proj"]), adapter="b")
+    randomize_adapters(model)
+    loracuda.combine_adapters(model, {"a": 0.5, "b": -1.0}, "ab")
+    loracuda.set_adapter(model, "ab")
+    tokens = ids()
+    expected = logits(model, tokens)
+    loracuda.save_adapter(model, tmp_path, adapter="ab")
+    fresh = llama()
+    loracuda.load_adapter(fresh, tmp_path)
+    assert fresh.model.layers[0].self_attn.v_proj.r["default"] == 5
+    assert fresh.model.layers[0].self_attn.q_proj.r["default"] == 3
+    torch.testing.assert_close(logits(fresh, tokens), expected, rtol=1e-5, atol=1e-5)
+    pm = peft.PeftModel.from_pretrained(llama(), tmp_path).eval()
+    torch.testing.assert_close(logits(pm, tokens), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_combine_adapters_cat_is_the_weighted_sum():
     model = mlp().double()
     tokens = ids()
