@@ -91,26 +91,16 @@ def _versions(layer: LoRALinear, names: Sequence[str]) -> tuple:
 
 
 def _escape_positions(codes: Tensor, numel: int) -> Tensor:
-    """Flat indices (ascending, int64) of the elements whose 2-bit code is 3. A byte holds one iff
-    (c & (c >> 1) & 0x55) != 0; the scan runs on 8-byte words (the same test with the mask repeated;
-    int64's arithmetic shift only differs in bit 63, which the mask drops) and only the words and then
-    the bytes that hit are expanded, so no numel-sized temporary is built."""
-    nbytes = codes.numel()
-    pad = (-nbytes) % 8
-    padded = codes if pad == 0 else torch.cat([codes, codes.new_zeros(pad)])
-    words = padded.view(torch.int64)
-    hit_words = ((words & (words >> 1) & 0x5555555555555555) != 0).nonzero().squeeze(1)
-    if hit_words.numel() == 0:
-        return hit_words
-    byte_index = (hit_words.unsqueeze(1) * 8 + torch.arange(8, device=codes.device)).reshape(-1)
-    byte_index = byte_index[byte_index < nbytes]
-    hit_bytes = padded[byte_index]
-    keep = (hit_bytes & (hit_bytes >> 1) & 0x55) != 0
-    byte_index, hit_bytes = byte_index[keep], hit_bytes[keep]
+    """Flat indices (ascending, int64) of the elements whose 2-bit code is 3. hit = c & (c >> 1) & 0x55
+    has bit 2i set iff element i of the byte has code 3; only the bytes with hit != 0 are expanded, so
+    the temporaries are one of the codes' size and a few per hit byte, never one per element."""
+    hit = codes & (codes >> 1) & 0x55
+    byte_index = hit.nonzero().squeeze(1)
+    if byte_index.numel() == 0:
+        return byte_index
     shifts = torch.arange(0, 8, 2, device=codes.device, dtype=torch.uint8)
-    per_elem = (hit_bytes.unsqueeze(1) >> shifts) & 3  # [hits, 4]
-    flat = byte_index.unsqueeze(1) * 4 + torch.arange(4, device=codes.device)
-    pos = flat[per_elem == 3]
+    is_escape = ((hit[byte_index].unsqueeze(1) >> shifts) & 1).bool()  # [hit bytes, 4]
+    pos = (byte_index.unsqueeze(1) * 4 + torch.arange(4, device=codes.device))[is_escape]
     return pos[pos < numel]
 
 
