@@ -74,6 +74,13 @@ def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, 
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def save_adapter(model: nn.Module, path: str, adapter: str = "default") -> None:
     """Writes adapter ``adapter`` to folder ``path`` (created if needed) in PEFT's format. Each file is
     written to a temporary file in the folder and renamed over the old one, so an error (permission
@@ -86,22 +93,19 @@ def save_adapter(model: nn.Module, path: str, adapter: str = "default") -> None:
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
 
-    def write_weights(tmp):
-        safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt"})
-
-    def write_config(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
     # Both temporaries are written completely before either is renamed, so a failed write changes nothing.
     fd_w, tmp_w = tempfile.mkstemp(prefix=f".{WEIGHTS_NAME}.", suffix=".tmp", dir=path)
     os.close(fd_w)
     fd_c, tmp_c = None, None
     try:
-        write_weights(tmp_w)
+        safetensors.torch.save_file(tensors, tmp_w, metadata={"format": "pt"})
         fd_c, tmp_c = tempfile.mkstemp(prefix=f".{CONFIG_NAME}.", suffix=".tmp", dir=path)
         os.close(fd_c)
-        write_config(tmp_c)
+        _write_text(tmp_c, text)
+        for tmp in (tmp_w, tmp_c):  # mkstemp makes owner-only files; adapter files are shared as usual
+            os.chmod(tmp, 0o644)
+        # The rename of the weights and of the config are two steps; between them (no write can fail
+        # there, only the rename of the config on the same folder) the folder holds the new weights.
         os.replace(tmp_w, os.path.join(path, WEIGHTS_NAME))
         tmp_w = None
         os.replace(tmp_c, os.path.join(path, CONFIG_NAME))

@@ -166,12 +166,16 @@ def test_failed_save_leaves_the_previous_adapter_intact(tmp_path, monkeypatch):
         loracuda.save_adapter(model, folder)
     monkeypatch.undo()
     assert {n: (folder / n).read_bytes() for n in os.listdir(folder)} == before  # no temporaries left
-    # A failing config write (after the weights' temporary was written) changes nothing either.
-    real_dumps = json.dumps
-    monkeypatch.setattr(peft_io.json, "dumps", lambda *a, **k: (_ for _ in ()).throw(OSError(5, "I/O error")))
-    with pytest.raises(OSError):
+    # A config write failing part-way (after the weights' temporary was written) changes nothing either.
+    def failing_text(path, text):
+        with open(path, "w") as f:
+            f.write(text[:10])
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(peft_io, "_write_text", failing_text)
+    with pytest.raises(OSError, match="Input/output"):
         loracuda.save_adapter(model, folder)
-    monkeypatch.setattr(peft_io.json, "dumps", real_dumps)
+    monkeypatch.undo()
     assert {n: (folder / n).read_bytes() for n in os.listdir(folder)} == before
     fresh = llama()
     loracuda.load_adapter(fresh, folder)  # still loadable
