@@ -21,7 +21,7 @@ def test_inject_keeps_outputs_and_freezes_the_rest(builder):
     assert torch.equal(logits(model, tokens), before)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_A.default" in n or ".lora_B.default" in n for n in trainable)
-    assert "default" in loracuda.inject.__globals__["configs"](model)
+    assert list(model.loracuda_configs) == ["default"]
 
 
 def test_nothing_matched_names_the_patterns_and_changes_nothing():
