@@ -46,6 +46,25 @@ inline T from_acc(acc_t<T> v) {
   return static_cast<T>(v);
 }
 
+// bf16 by its bits: the same values as c10::BFloat16's conversions (widening is exact; narrowing
+// rounds to nearest even, NaN -> 0x7FC0), written without branches so that row loops vectorise.
+template <>
+inline float to_acc<c10::BFloat16>(c10::BFloat16 v) {
+  const uint32_t u = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+template <>
+inline c10::BFloat16 from_acc<c10::BFloat16>(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  const uint32_t rounded = (u + UINT32_C(0x7FFF) + ((u >> 16) & 1)) >> 16;
+  const uint16_t bits = f != f ? UINT16_C(0x7FC0) : static_cast<uint16_t>(rounded);
+  return c10::BFloat16(bits, c10::BFloat16::from_bits());
+}
+
 // Calls fn.template operator()<T>() with T the C++ type of a kernel value dtype.
 template <typename Fn>
 inline void dispatch_value_type(at::ScalarType t, Fn&& fn) {
@@ -188,12 +207,71 @@ inline void dropout_keep_row(const Dropout& d, uint64_t start, int64_t n, uint8_
   }
 }
 
-// dst[k] = keep[k] ? src[k] * keep_scale : 0, in the accumulation type (for float64 values the
+namespace detail {
+
+template <typename A>
+using mask_t = std::conditional_t<sizeof(A) == 8, uint64_t, uint32_t>;
+
+// v where keep != 0, +0 elsewhere, by a bit mask: exact for any v (inf and NaN included, unlike
+// v * 0) and branch-free, so the loops below vectorise.
+template <typename A>
+__attribute__((always_inline)) inline A kept(uint8_t keep, A v) {
+  mask_t<A> bits;
+  std::memcpy(&bits, &v, sizeof(A));
+  bits &= mask_t<A>(0) - static_cast<mask_t<A>>(keep != 0);
+  std::memcpy(&v, &bits, sizeof(A));
+  return v;
+}
+
+// accumulate == false: row[k] = kept(row[k] * ks); true: row[k] += kept(src[k] * ks).
+template <typename A>
+__attribute__((always_inline)) inline void keep_rows_generic(const uint8_t* keep, A ks, int64_t n, const A* src,
+                                                             A* row, bool accumulate) {
+  if (accumulate) {
+    for (int64_t k = 0; k < n; ++k) row[k] += kept(keep[k], src[k] * ks);
+  } else {
+    for (int64_t k = 0; k < n; ++k) row[k] = kept(keep[k], row[k] * ks);
+  }
+}
+
+#ifdef LORACUDA_X86_DISPATCH
+template <typename A>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void keep_rows_avx512(const uint8_t* keep, A ks, int64_t n,
+                                                                            const A* src, A* row, bool accumulate) {
+  keep_rows_generic<A>(keep, ks, n, src, row, accumulate);
+}
+template <typename A>
+__attribute__((target("avx2"))) void keep_rows_avx2(const uint8_t* keep, A ks, int64_t n, const A* src, A* row,
+                                                    bool accumulate) {
+  keep_rows_generic<A>(keep, ks, n, src, row, accumulate);
+}
+#endif
+
+template <typename A>
+inline void keep_rows(const uint8_t* keep, A ks, int64_t n, const A* src, A* row, bool accumulate) {
+#ifdef LORACUDA_X86_DISPATCH
+  switch (isa()) {
+    case Isa::avx512: return keep_rows_avx512<A>(keep, ks, n, src, row, accumulate);
+    case Isa::avx2: return keep_rows_avx2<A>(keep, ks, n, src, row, accumulate);
+    default: break;
+  }
+#endif
+  keep_rows_generic<A>(keep, ks, n, src, row, accumulate);
+}
+
+}  // namespace detail
+
+// row[k] = keep[k] ? row[k] * keep_scale : 0, in the accumulation type (for float64 values the
 // float32 keep_scale is widened, as the reference multiplies a float64 x by it).
 template <typename A>
 inline void apply_keep(const uint8_t* keep, float keep_scale, int64_t n, A* row) {
-  const A ks = static_cast<A>(keep_scale);
-  for (int64_t k = 0; k < n; ++k) row[k] = keep[k] ? row[k] * ks : A(0);
+  detail::keep_rows<A>(keep, static_cast<A>(keep_scale), n, nullptr, row, false);
+}
+
+// row[k] += keep[k] ? src[k] * keep_scale : 0.
+template <typename A>
+inline void add_kept(const uint8_t* keep, float keep_scale, int64_t n, const A* src, A* row) {
+  detail::keep_rows<A>(keep, static_cast<A>(keep_scale), n, src, row, true);
 }
 
 // ---- the rank-r delta micro-kernel -------------------------------------------------------------
@@ -208,6 +286,25 @@ inline void apply_keep(const uint8_t* keep, float keep_scale, int64_t n, A* row)
 namespace detail {
 
 constexpr int kDeltaRows = 8;  // rows of b per register block: each load of a feeds 8 FMAs
+
+// Rows of memory (the weight rows the caller works on next) to pull into L2 while the delta
+// arithmetic runs, so that the compute of one block overlaps the DRAM traffic of the next.
+// rows[i] == nullptr: nothing to prefetch. Column units are elements of `elem_bytes` bytes.
+struct Prefetch {
+  const char* rows[kDeltaRows] = {};
+  int64_t elem_bytes = 0;
+  inline void lines(int64_t k, int64_t cols) const {
+#ifdef LORACUDA_X86_DISPATCH
+    if (rows[0] == nullptr) return;
+    for (int64_t byte = k * elem_bytes; byte < (k + cols) * elem_bytes; byte += 64) {
+      for (int i = 0; i < kDeltaRows; ++i) _mm_prefetch(rows[i] + byte, _MM_HINT_T1);
+    }
+#else
+    (void)k;
+    (void)cols;
+#endif
+  }
+};
 
 // Scalar columns [k0, k1) of the rows; std::fma is the same correctly rounded operation as a lane of
 // the vector FMA.
@@ -226,10 +323,11 @@ inline void delta_cols_scalar(const F* a, int64_t K, const F* const* b, int r, F
 // One register block: kDeltaRows rows x (2 vectors of columns), accumulators in registers.
 #define LORACUDA_DELTA_KERNEL(NAME, TARGET, F, V, W, LOADU, STOREU, SET1, MUL, FMA)                            \
   __attribute__((target(TARGET))) inline void NAME(const F* a, int64_t K, const F* const* b, int r, F scale,  \
-                                                   F* const* out) {                                           \
+                                                   F* const* out, const Prefetch& pf) {                       \
     const V vs = SET1(scale);                                                                                 \
     int64_t k = 0;                                                                                            \
     for (; k + 2 * (W) <= K; k += 2 * (W)) {                                                                  \
+      pf.lines(k, 2 * (W));                                                                                   \
       V acc0[kDeltaRows], acc1[kDeltaRows];                                                                   \
       const V a0 = LOADU(a + k), a1 = LOADU(a + k + (W));                                                     \
       for (int i = 0; i < kDeltaRows; ++i) {                                                                  \
@@ -268,10 +366,11 @@ LORACUDA_DELTA_KERNEL(delta_block_avx2_d, "avx2,fma", double, __m256d, 4, _mm256
 }  // namespace detail
 
 // delta rows [i0, i0 + rows) (rows <= 8) of scale * b @ a into out [rows, K] contiguous.
-// `zero_b` is a row of r zeros (padding of a partial block); `spill` is a scratch row of K values.
+// `zero_b` is a row of r zeros (padding of a partial block); `spill` is a scratch row of K values;
+// `pf` names memory to prefetch meanwhile (no effect on the values).
 template <typename F>
 inline void delta_rows(const F* a, int64_t K, const F* b, int r, int64_t i0, int rows, F scale, F* out,
-                       const F* zero_b, F* spill) {
+                       const F* zero_b, F* spill, const detail::Prefetch& pf = {}) {
   const F* bp[detail::kDeltaRows];
   F* op[detail::kDeltaRows];
   for (int i = 0; i < detail::kDeltaRows; ++i) {
@@ -281,11 +380,11 @@ inline void delta_rows(const F* a, int64_t K, const F* b, int r, int64_t i0, int
 #ifdef LORACUDA_X86_DISPATCH
   const detail::Isa isa = detail::isa();
   if constexpr (std::is_same_v<F, float>) {
-    if (isa == detail::Isa::avx512) return detail::delta_block_avx512_f(a, K, bp, r, scale, op);
-    if (isa == detail::Isa::avx2) return detail::delta_block_avx2_f(a, K, bp, r, scale, op);
+    if (isa == detail::Isa::avx512) return detail::delta_block_avx512_f(a, K, bp, r, scale, op, pf);
+    if (isa == detail::Isa::avx2) return detail::delta_block_avx2_f(a, K, bp, r, scale, op, pf);
   } else {
-    if (isa == detail::Isa::avx512) return detail::delta_block_avx512_d(a, K, bp, r, scale, op);
-    if (isa == detail::Isa::avx2) return detail::delta_block_avx2_d(a, K, bp, r, scale, op);
+    if (isa == detail::Isa::avx512) return detail::delta_block_avx512_d(a, K, bp, r, scale, op, pf);
+    if (isa == detail::Isa::avx2) return detail::delta_block_avx2_d(a, K, bp, r, scale, op, pf);
   }
 #endif
   detail::delta_cols_scalar<F>(a, K, bp, r, scale, op, 0, K);
