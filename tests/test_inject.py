@@ -204,3 +204,22 @@ def test_from_peft_refuses_dora():
     pm = peft.get_peft_model(llama(), peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
     with pytest.raises(ValueError, match="use_dora|DoRA"):
         loracuda.from_peft(pm)
+
+
+def test_from_peft_keeps_several_adapters_and_the_active_one():
+    pm = peft.get_peft_model(llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    pm.add_adapter("second", peft.LoraConfig(r=2, lora_alpha=6, target_modules=["v_proj"], use_rslora=True))
+    randomize_adapters(pm)
+    pm.set_adapter("second")
+    pm.eval()
+    tokens = ids()
+    expected = logits(pm, tokens)
+    model = loracuda.from_peft(pm)
+    v = model.model.layers[0].self_attn.v_proj
+    assert sorted(v.adapters) == ["default", "second"] and v.active_adapters == ["second"]
+    assert v.scaling["second"] == 6 / 2**0.5
+    assert sorted(model.loracuda_configs) == ["default", "second"]
+    torch.testing.assert_close(logits(model, tokens), expected, rtol=1e-5, atol=1e-5)
+    loracuda.set_adapter(model, "default")
+    pm_default = logits(model, tokens)
+    assert not torch.allclose(pm_default, expected)
