@@ -17,12 +17,10 @@ previous adapter intact.
 import json
 import os
 import tempfile
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 
-from .config import CONFIG_NAME, LoraConfig
+from .config import CONFIG_NAME, LoraConfig, is_conv1d
 from .inject import CONFIGS_ATTR, adapter_paths, configs, inject, lora_layers, modules_to_save_params
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -189,8 +187,9 @@ def _strip(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _expected(model: nn.Module, config: LoraConfig, adapter: str, ranks_exact: bool):
-    """(paths, {key: (expected shape or None for LoRA factors, target)}) for loading ``adapter``."""
+def _expected(model: nn.Module, config: LoraConfig, adapter: str):
+    """(paths, {file key without prefix: (kind "A" | "B" | "param", layer path or parameter, shape)}) for
+    loading ``adapter``: the layers already holding it, else those ``config`` targets."""
     existing = adapter_paths(model, adapter)
     paths = existing if existing else config.target_paths(model)
     if not paths:
@@ -199,19 +198,13 @@ def _expected(model: nn.Module, config: LoraConfig, adapter: str, ranks_exact: b
     for path in paths:
         module = model.get_submodule(path)
         base = getattr(module, "base_layer", module)
-        n, k = (base.weight.shape[1], base.weight.shape[0]) if _is_conv1d_like(module, base) else tuple(base.weight.shape)
+        n, k = (base.weight.shape[1], base.weight.shape[0]) if is_conv1d(base) else tuple(base.weight.shape)
         r = module.r[adapter] if existing else config.rank_for(path)
         expected[f"{path}.lora_A.weight"] = ("A", path, (r, k))
         expected[f"{path}.lora_B.weight"] = ("B", path, (n, r))
     for key, p in _extra_params(model, config, paths).items():
         expected[key] = ("param", p, tuple(p.shape))
     return paths, expected
-
-
-def _is_conv1d_like(module, base) -> bool:
-    from .config import is_conv1d
-
-    return is_conv1d(base)
 
 
 def _check(file: str, tensors: dict[str, Tensor], expected: dict, pad_rank: bool) -> None:
@@ -275,7 +268,7 @@ def load_adapter(model: nn.Module, path: str, adapter: str = "default") -> nn.Mo
                 f"loracuda.load_adapter: adapter {adapter!r} is merged into {merged[:3]}; unmerge it first "
                 "(or use hot_swap, which handles merged adapters)"
             )
-    paths, expected = _expected(model, config, adapter, ranks_exact=True)
+    paths, expected = _expected(model, config, adapter)
     _check(file, tensors, expected, pad_rank=False)
     _check_ranks(file, tensors, expected)
     if not exists:
@@ -312,7 +305,7 @@ def hot_swap(model: nn.Module, path: str, adapter: str = "default") -> None:
     folder, file = _weights_file(path)
     config = LoraConfig.from_peft(folder)
     tensors = _strip(_read_tensors(file))
-    paths, expected = _expected(model, config, adapter, ranks_exact=False)
+    paths, expected = _expected(model, config, adapter)
     _check(file, tensors, expected, pad_rank=True)
     _check_ranks(file, tensors, expected)
     layers = dict(lora_layers(model))

@@ -1,7 +1,6 @@
 """Adapter files: PEFT's naming, round trips, bad files refused with the model unchanged, failed saves
 leaving the previous adapter intact, hot swap."""
 
-import copy
 import json
 import os
 
