@@ -117,13 +117,15 @@ def adapter_paths(model: nn.Module, adapter: str) -> list[str]:
 
 
 def _freeze(model: nn.Module, config: LoraConfig, paths: list[str]) -> None:
+    """Makes trainable exactly: every LoRA factor, and the biases and modules_to_save parameters that
+    ``config`` (for ``paths``) or an adapter already on the model asks for; freezes everything else."""
     trainable = {id(p) for p in bias_params(model, config, paths).values()}
     trainable |= {id(p) for p in modules_to_save_params(model, config).values()}
+    for name, other in configs(model).items():
+        trainable |= {id(p) for p in bias_params(model, other, adapter_paths(model, name)).values()}
+        trainable |= {id(p) for p in modules_to_save_params(model, other).values()}
     for _, layer in lora_layers(model):
         trainable |= {id(p) for p in layer.lora_A.values()} | {id(p) for p in layer.lora_B.values()}
-    # Keep what earlier adapters made trainable.
-    trainable |= getattr(model, "_loracuda_trainable", set())
-    model._loracuda_trainable = trainable
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
 
@@ -256,9 +258,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for path, layer in list(lora_layers(model)):
         layer.merged.clear()
         _set_module(model, path, layer.base_layer)
-    for attr in (CONFIGS_ATTR, "_loracuda_trainable"):
-        if hasattr(model, attr):
-            delattr(model, attr)
+    if hasattr(model, CONFIGS_ATTR):
+        delattr(model, CONFIGS_ATTR)
     return model
 
 
