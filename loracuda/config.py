@@ -181,7 +181,9 @@ class LoraConfig:
                 continue
             if not _matches(targets, path):
                 continue
-            if not isinstance(targets, str) and not self._layer_selected(path):
+            # As in PEFT, layers_to_transform filters suffix matches of a list; an entry naming the full
+            # path selects that module regardless.
+            if not isinstance(targets, str) and path not in targets and not self._layer_selected(path):
                 continue
             if not (is_linear_like(module) or isinstance(module, LoRALinear)):
                 raise ValueError(

@@ -67,6 +67,7 @@ def test_rank_and_alpha_pattern_first_match_wins():
         (llama, {"target_modules": r".*\.mlp\.(up|down)_proj"}),
         (llama, {"target_modules": ["q_proj", "down_proj"], "layers_to_transform": [1]}),
         (llama, {"target_modules": ["q_proj"], "layers_to_transform": 0, "layers_pattern": "layers"}),
+        (llama, {"target_modules": ["model.layers.0.mlp.up_proj", "k_proj"], "layers_to_transform": [1]}),
         (llama, {"target_modules": "all-linear", "exclude_modules": ["k_proj", "o_proj"]}),
         (gpt2, {"target_modules": ["c_proj"]}),  # attention and MLP both have a c_proj
         (gpt2, {"target_modules": "all-linear"}),
