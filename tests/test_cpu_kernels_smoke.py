@@ -200,3 +200,23 @@ def test_merge_rounding_matches_torch(dtype):
     bits = torch.int32 if dtype == torch.float32 else torch.int16
     assert w.view(-1)[0].isnan()
     assert torch.equal(w.view(-1)[1:].view(bits), want.view(-1)[1:].view(bits))
+
+
+def test_blocked_backward_independent_of_thread_count():
+    # Reductions over M run per fixed row chunk and are summed in order: 1 and 2 threads agree bitwise.
+    gen = torch.Generator().manual_seed(13)
+    m, k, n, r = 1000, 96, 80, 8
+    dy, x = randn(m, n, dtype=torch.bfloat16, gen=gen), randn(m, k, dtype=torch.bfloat16, gen=gen)
+    a, b = randn(r, k, dtype=torch.float32, gen=gen), randn(n, r, dtype=torch.float32, gen=gen)
+    h = ref.shrink(x, a, 0.1, 8).float()
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            gx = torch.zeros(m, k, dtype=torch.bfloat16)
+            results.append((*ops.backward(dy, x, h, a, b, 0.5, 0.1, 8, (), gx), gx))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)

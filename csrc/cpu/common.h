@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -65,7 +66,7 @@ inline c10::BFloat16 from_acc<c10::BFloat16>(float f) {
   return c10::BFloat16(bits, c10::BFloat16::from_bits());
 }
 
-// Calls fn.template operator()<T>() with T the C++ type of a kernel value dtype.
+// Calls fn(T{}) with T the C++ type of a kernel value dtype (fn is a generic lambda over T).
 template <typename Fn>
 inline void dispatch_value_type(at::ScalarType t, Fn&& fn) {
   switch (t) {
@@ -115,10 +116,13 @@ inline int64_t block_rows(int64_t width, int64_t elem_bytes) {
 }
 
 // A reduction over M (grad_a, grad_b) is summed per fixed chunk of rows, then the chunk partials in
-// order, so the result depends only on M, never on the thread count. At most 64 partials.
-inline int64_t reduction_chunk_rows(int64_t m, int64_t block) {
+// order, so the result depends only on the shapes, never on the thread count. The partials
+// ([chunks, partial_elems] of elem_bytes each) are capped at about 64 MiB and 64 chunks.
+inline int64_t reduction_chunk_rows(int64_t m, int64_t block, int64_t partial_elems, int64_t elem_bytes) {
+  const int64_t budget = int64_t{64} << 20;
+  const int64_t max_chunks = std::clamp<int64_t>(budget / std::max<int64_t>(1, partial_elems * elem_bytes), 2, 64);
   const int64_t min_rows = std::max<int64_t>(block, 256);
-  const int64_t rows = std::max<int64_t>(min_rows, (m + 63) / 64);
+  const int64_t rows = std::max<int64_t>(min_rows, (m + max_chunks - 1) / max_chunks);
   return (rows + block - 1) / block * block;  // whole blocks per chunk
 }
 
@@ -272,6 +276,83 @@ inline void apply_keep(const uint8_t* keep, float keep_scale, int64_t n, A* row)
 template <typename A>
 inline void add_kept(const uint8_t* keep, float keep_scale, int64_t n, const A* src, A* row) {
   detail::keep_rows<A>(keep, static_cast<A>(keep_scale), n, src, row, true);
+}
+
+namespace detail {
+
+// The fused dropout load of a unit-stride row segment: dst[i] = kept(keep_i, float(src[i]) * ks),
+// keep_i from the hash of element (lo + i, hi); keep_i stored too when `keep` is not null. One pass,
+// uint32 arithmetic and bit masks only, so it vectorises.
+template <typename T>
+__attribute__((always_inline)) inline void dropped_segment_generic(const T* src, int64_t n, DropoutKey key,
+                                                                   uint32_t threshold, uint32_t lo, uint32_t hi,
+                                                                   acc_t<T> ks, acc_t<T>* dst, uint8_t* keep) {
+  const uint32_t hi_key = hi + key.hi;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t first = mix32(lo + static_cast<uint32_t>(i) + key.lo);
+    const uint8_t kp = static_cast<uint8_t>((mix32(first ^ hi_key) >> 8) >= threshold);
+    if (keep != nullptr) keep[i] = kp;
+    dst[i] = kept(kp, to_acc(src[i]) * ks);
+  }
+}
+
+#ifdef LORACUDA_X86_DISPATCH
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void dropped_segment_avx512(
+    const T* src, int64_t n, DropoutKey key, uint32_t threshold, uint32_t lo, uint32_t hi, acc_t<T> ks,
+    acc_t<T>* dst, uint8_t* keep) {
+  if (keep != nullptr) return dropped_segment_generic<T>(src, n, key, threshold, lo, hi, ks, dst, keep);
+  dropped_segment_generic<T>(src, n, key, threshold, lo, hi, ks, dst, nullptr);
+}
+template <typename T>
+__attribute__((target("avx2"))) void dropped_segment_avx2(const T* src, int64_t n, DropoutKey key, uint32_t threshold,
+                                                          uint32_t lo, uint32_t hi, acc_t<T> ks, acc_t<T>* dst,
+                                                          uint8_t* keep) {
+  if (keep != nullptr) return dropped_segment_generic<T>(src, n, key, threshold, lo, hi, ks, dst, keep);
+  dropped_segment_generic<T>(src, n, key, threshold, lo, hi, ks, dst, nullptr);
+}
+#endif
+
+}  // namespace detail
+
+// dst[k] = mask * float(src[k]) * keep_scale for the n elements of a row starting at the logical flat
+// index `start` (= m * K); src has column stride cs. keep (optional) receives the mask.
+template <typename T>
+inline void load_dropped_row(const Dropout& d, uint64_t start, const T* src, int64_t cs, int64_t n, acc_t<T>* dst,
+                             uint8_t* keep) {
+  using A = acc_t<T>;
+  const A ks = static_cast<A>(d.keep_scale);
+  if (cs != 1) {  // gather first, then mask
+    std::vector<uint8_t> local(keep == nullptr ? static_cast<size_t>(n) : 0);
+    uint8_t* kp = keep != nullptr ? keep : local.data();
+    load_row(src, cs, n, dst);
+    dropout_keep_row(d, start, n, kp);
+    apply_keep(kp, d.keep_scale, n, dst);
+    return;
+  }
+  while (n > 0) {
+    const uint32_t lo = static_cast<uint32_t>(start);
+    const uint32_t hi = static_cast<uint32_t>(start >> 32);
+    const int64_t seg = std::min<int64_t>(n, static_cast<int64_t>((uint64_t{1} << 32) - lo));
+#ifdef LORACUDA_X86_DISPATCH
+    switch (detail::isa()) {
+      case detail::Isa::avx512:
+        detail::dropped_segment_avx512<T>(src, seg, d.key, d.threshold, lo, hi, ks, dst, keep);
+        break;
+      case detail::Isa::avx2:
+        detail::dropped_segment_avx2<T>(src, seg, d.key, d.threshold, lo, hi, ks, dst, keep);
+        break;
+      default: detail::dropped_segment_generic<T>(src, seg, d.key, d.threshold, lo, hi, ks, dst, keep);
+    }
+#else
+    detail::dropped_segment_generic<T>(src, seg, d.key, d.threshold, lo, hi, ks, dst, keep);
+#endif
+    start += static_cast<uint64_t>(seg);
+    n -= seg;
+    src += seg;
+    dst += seg;
+    if (keep != nullptr) keep += seg;
+  }
 }
 
 // ---- the rank-r delta micro-kernel -------------------------------------------------------------
