@@ -94,7 +94,9 @@ def _escape_positions(codes: Tensor, numel: int) -> Tensor:
     """Flat indices (ascending, int64) of the elements whose 2-bit code is 3. hit = c & (c >> 1) & 0x55
     has bit 2i set iff element i of the byte has code 3; only the bytes with hit != 0 are expanded, so
     the temporaries are one of the codes' size and a few per hit byte, never one per element."""
-    hit = codes & (codes >> 1) & 0x55
+    hit = codes >> 1  # one temporary of the codes' size, then in place
+    hit &= codes
+    hit &= 0x55
     byte_index = hit.nonzero().squeeze(1)
     if byte_index.numel() == 0:
         return byte_index
