@@ -8,5 +8,27 @@ from . import ops
 from .buildinfo import build_info
 from .functional import lora_linear
 from .version import __version__
+from .config import LoraConfig
+from .layers import LoRALinear
+from .inject import combine_adapters, delete_adapter, disable_adapters, from_peft, inject, merge_and_unload, set_adapter
+from .merge import MergeReport, merge, unmerge
+from .peft_io import hot_swap, load_adapter, save_adapter
 
 __all__ = ["__version__", "build_info", "lora_linear", "ops"]
+__all__ += [
+    "LoraConfig",
+    "LoRALinear",
+    "MergeReport",
+    "combine_adapters",
+    "delete_adapter",
+    "disable_adapters",
+    "from_peft",
+    "hot_swap",
+    "inject",
+    "load_adapter",
+    "merge",
+    "merge_and_unload",
+    "save_adapter",
+    "set_adapter",
+    "unmerge",
+]

@@ -1,0 +1,281 @@
+"""Merge adapters into their base weights in place, and unmerge them bit-exactly (DESIGN.md §3).
+
+Exact merge of W += s * B A (one rounding, deterministic: ops.merge_) keeps a restore record instead of a
+copy of W: ops.restore_codes gives 2 bits per element saying how ops.unmerge_exact_ recovers it from the
+merged value (code 3: it cannot), and the values of the code-3 elements are saved beforehand with their
+flat indices. Record bytes = ceil(numel / 4) + (index bytes + element bytes) per code-3 element; merge
+refuses, before writing anything, when that exceeds a quarter of the weight's bytes.
+
+Every check (the records' sizes, safe mode's finite checks, the adapters' dtypes) runs on every layer
+before the first weight is written, so an error leaves the whole model unchanged.
+
+Several adapters merged into a layer by one call are merged as one sum (their factors stacked along
+the rank, each B times its scale, scale 1), so that one record, made before anything is written,
+covers them; they come off together.
+
+The record is valid only while the adapter factors and the merged weight are unchanged: their tensor
+version counters are kept and unmerge refuses to run exactly if any has moved.
+"""
+
+import dataclasses
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .layers import LoRALinear
+
+# Rows of W per block in safe mode's finite check of W + delta: blocks of about 2^20 float32 values
+# (4 MiB), so the check never holds a full-size delta.
+_SAFE_BLOCK_ELEMS = 1 << 20
+
+
+@dataclasses.dataclass
+class MergeRecord:
+    """How to undo one merge of ``adapters`` (merged together) into a layer: the scale used, exactness,
+    restore codes (uint8 [ceil(numel/4)]), flat indices (int32 or int64) and saved values (the weight's
+    dtype) of the elements with code 3, and the version counters of the weight and of each adapter's
+    (lora_A, lora_B) right after the merge."""
+
+    adapters: tuple[str, ...]
+    scale: float
+    exact: bool
+    codes: Optional[Tensor] = None
+    escape_index: Optional[Tensor] = None
+    escape_values: Optional[Tensor] = None
+    weight_version: int = 0
+    factor_versions: tuple = ()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.escape_index, self.escape_values) if t is not None)
+
+
+@dataclasses.dataclass
+class MergeReport:
+    """What merge did: the adapters merged per layer path, the restore record's bytes per layer, their
+    total, and the base weights' total bytes (for comparison: the record is at most a quarter of them)."""
+
+    layers: dict[str, list[str]]
+    record_bytes: dict[str, int]
+    total_record_bytes: int
+    weight_bytes: int
+    exact: bool
+
+    def __repr__(self) -> str:
+        return (
+            f"MergeReport({len(self.layers)} layers, exact={self.exact}, restore records "
+            f"{self.total_record_bytes} bytes for {self.weight_bytes} weight bytes)"
+        )
+
+
+def _factors(layer: LoRALinear, names: Sequence[str]) -> tuple[Tensor, Tensor, float]:
+    """(lora_a, lora_b, scale) of the delta of ``names`` together, detached, in a dtype merge_ accepts
+    (the weight's dtype or float32). Built by the same operations on every call, so for unchanged
+    parameters merge and unmerge compute the same delta bit for bit."""
+    w = layer.weight
+    ok = (w.dtype, torch.float32)
+    if len(names) == 1:
+        a, b = layer.lora_A[names[0]].detach(), layer.lora_B[names[0]].detach()
+        a = a if a.dtype in ok else a.to(torch.float32)
+        b = b if b.dtype in ok else b.to(torch.float32)
+        return a, b, layer.scaling[names[0]]
+    a = torch.cat([layer.lora_A[n].detach().to(torch.float32) for n in names], 0)
+    b = torch.cat([layer.lora_B[n].detach().to(torch.float32) * layer.scaling[n] for n in names], 1)
+    return a, b, 1.0
+
+
+def _versions(layer: LoRALinear, names: Sequence[str]) -> tuple:
+    return tuple((layer.lora_A[n]._version, layer.lora_B[n]._version) for n in names)
+
+
+def _escape_positions(codes: Tensor, numel: int) -> Tensor:
+    """Flat indices (ascending, int64) of the elements whose 2-bit code is 3. hit = c & (c >> 1) & 0x55
+    has bit 2i set iff element i of the byte has code 3; only the bytes with hit != 0 are expanded, so
+    the temporaries are one of the codes' size and a few per hit byte, never one per element."""
+    hit = codes >> 1  # one temporary of the codes' size, then in place
+    hit &= codes
+    hit &= 0x55
+    byte_index = hit.nonzero().squeeze(1)
+    if byte_index.numel() == 0:
+        return byte_index
+    shifts = torch.arange(0, 8, 2, device=codes.device, dtype=torch.uint8)
+    is_escape = ((hit[byte_index].unsqueeze(1) >> shifts) & 1).bool()  # [hit bytes, 4]
+    pos = (byte_index.unsqueeze(1) * 4 + torch.arange(4, device=codes.device))[is_escape]
+    return pos[pos < numel]
+
+
+def _check_finite(path: str, names: Sequence[str], layer: LoRALinear) -> None:
+    for n in names:
+        for label, t in (("lora_A", layer.lora_A[n]), ("lora_B", layer.lora_B[n])):
+            if not torch.isfinite(t.detach()).all():
+                raise ValueError(
+                    f"loracuda.merge: adapter {n!r} of layer {path!r} has inf/NaN in {label}; nothing was merged"
+                )
+    a, b, scale = _factors(layer, names)
+    a, b = a.to(torch.float32), b.to(torch.float32)
+    w = layer.weight.detach()
+    rows = max(1, _SAFE_BLOCK_ELEMS // max(1, w.shape[1]))
+    for start in range(0, w.shape[0], rows):
+        stop = min(start + rows, w.shape[0])
+        if layer.fan_in_fan_out:  # w [K, N]: its rows are input features
+            d = scale * (a[:, start:stop].t() @ b.t())
+        else:
+            d = scale * (b[start:stop] @ a)
+        merged = (w[start:stop].to(torch.float32) + d).to(w.dtype)
+        if not torch.isfinite(merged).all():
+            raise ValueError(
+                f"loracuda.merge: merging {list(names)} into layer {path!r} would give inf/NaN weights "
+                f"(rows {start}..{stop - 1}); nothing was merged"
+            )
+
+
+def _known(model: nn.Module) -> set:
+    return {n for _, layer in model.named_modules() if isinstance(layer, LoRALinear) for n in layer.lora_A}
+
+
+def _plan(model: nn.Module, adapter: Union[None, str, Iterable[str]]) -> list[tuple[str, LoRALinear, list[str]]]:
+    wanted = None if adapter is None else ([adapter] if isinstance(adapter, str) else list(adapter))
+    if wanted is not None:
+        missing = [n for n in wanted if n not in _known(model)]
+        if missing:
+            raise ValueError(f"loracuda.merge: no adapter named {missing} in the model (adapters: {sorted(_known(model))})")
+    plan = []
+    for path, layer in model.named_modules():
+        if not isinstance(layer, LoRALinear):
+            continue
+        names = layer.active_adapters if wanted is None else [n for n in wanted if n in layer.lora_A]
+        names = [n for n in names if n not in layer.merged]
+        if names:
+            plan.append((path, layer, names))
+    return plan
+
+
+def _record(path: str, layer: LoRALinear, names: Sequence[str]) -> MergeRecord:
+    w = layer.weight
+    a, b, scale = _factors(layer, names)
+    codes = ops.restore_codes(w, a, b, scale, layer.fan_in_fan_out)
+    pos = _escape_positions(codes, w.numel())
+    index_dtype = torch.int32 if w.numel() <= 2**31 - 1 else torch.int64
+    index_bytes = 4 if index_dtype == torch.int32 else 8
+    size = codes.numel() + pos.numel() * (index_bytes + w.element_size())
+    budget = w.numel() * w.element_size() // 4
+    if size > budget:
+        raise ValueError(
+            f"loracuda.merge: the exact restore record of layer {path!r} would take {size} bytes, more than a "
+            f"quarter of its weight ({budget} bytes; {pos.numel()} of {w.numel()} elements cannot be restored "
+            "from codes); nothing was merged. Use merge(..., exact=False) for an inexact merge."
+        )
+    values = w.detach().view(-1)[pos].clone()
+    return MergeRecord(tuple(names), scale, True, codes, pos.to(index_dtype), values)
+
+
+@torch.no_grad()
+def merge(
+    model: nn.Module, adapter: Union[None, str, Iterable[str]] = None, safe: bool = False, exact: bool = True
+) -> MergeReport:
+    """Merges ``adapter`` (a name or names; None: each layer's active adapters) into the base weights in
+    place; several adapters of a layer are merged as their sum. exact=True keeps a restore record (at
+    most a quarter of the weight's bytes; raises, naming the layer, before writing anything if a record
+    would be larger) so that unmerge restores the weights bit for bit; exact=False keeps nothing and
+    unmerge subtracts (not bit-exact in low precision). safe=True first checks the adapters and the
+    would-be merged weights for inf/NaN. Every check covers every layer before the first write.
+    Returns a MergeReport."""
+    plan = _plan(model, adapter)
+    for path, layer, _ in plan:
+        if not layer.weight.is_contiguous():
+            raise ValueError(f"loracuda.merge: the weight of layer {path!r} is not contiguous; it cannot be merged in place")
+    if safe:
+        for path, layer, names in plan:
+            _check_finite(path, names, layer)
+    # Phase 1, read-only: every record (and so every size check) before the first write.
+    if exact:
+        records = [_record(path, layer, names) for path, layer, names in plan]
+    else:
+        records = [MergeRecord(tuple(names), _factors(layer, names)[2], False) for _, layer, names in plan]
+    # Phase 2: write.
+    report = MergeReport({}, {}, 0, 0, exact)
+    for (path, layer, names), rec in zip(plan, records):
+        w = layer.weight
+        a, b, scale = _factors(layer, names)
+        ops.merge_(w, a, b, scale, layer.fan_in_fan_out)
+        rec.weight_version = w._version
+        rec.factor_versions = _versions(layer, names)
+        for n in names:
+            layer.merged[n] = rec
+        report.layers[path] = list(names)
+        report.record_bytes[path] = rec.nbytes
+        report.weight_bytes += w.numel() * w.element_size()
+    report.total_record_bytes = sum(report.record_bytes.values())
+    return report
+
+
+def _records(layer: LoRALinear) -> list[MergeRecord]:
+    """The layer's merge records in merge order (adapters merged together share one)."""
+    out = []
+    for rec in layer.merged.values():
+        if not out or out[-1] is not rec:
+            out.append(rec)
+    return out
+
+
+@torch.no_grad()
+def unmerge(model: nn.Module, adapter: Union[None, str, Iterable[str]] = None) -> list[str]:
+    """Undoes merges (all, or those of the named adapters), the most recent first, in place: bit-exact
+    for exact merges. Adapters merged by one call come off together. Raises, changing nothing, if a
+    record no longer fits its tensors (the adapter or the merged weight was modified since the merge)
+    or the named adapters are not the most recent merges. Returns the paths of the layers unmerged."""
+    wanted = None if adapter is None else ({adapter} if isinstance(adapter, str) else set(adapter))
+    plan = []
+    for path, layer in model.named_modules():
+        if not (isinstance(layer, LoRALinear) and layer.merged):
+            continue
+        recs = _records(layer)
+        todo = [r for r in recs if wanted is None or wanted & set(r.adapters)]
+        if not todo:
+            continue
+        if todo != recs[len(recs) - len(todo) :]:
+            # Each record was made on the weight left by the merges before it: later merges come off first.
+            raise ValueError(
+                f"loracuda.unmerge: layer {path!r} has {[list(r.adapters) for r in recs]} merged in this order; "
+                f"unmerge the later ones first"
+            )
+        for r in todo:
+            if wanted is not None and not set(r.adapters) <= wanted:
+                raise ValueError(
+                    f"loracuda.unmerge: layer {path!r} has {list(r.adapters)} merged together; unmerge them together"
+                )
+        plan.append((path, layer, list(reversed(todo))))
+    # Check every record before writing anything: the weight must be as the last merge left it and the
+    # adapters as they were merged.
+    for path, layer, todo in plan:
+        if todo[0].exact and layer.weight._version != todo[0].weight_version:
+            raise RuntimeError(
+                f"loracuda.unmerge: the weight of layer {path!r} was modified after {list(todo[0].adapters)} was "
+                "merged, so the exact restore record no longer applies; nothing was unmerged"
+            )
+        for rec in todo:
+            if rec.exact and _versions(layer, rec.adapters) != rec.factor_versions:
+                raise RuntimeError(
+                    f"loracuda.unmerge: adapter {list(rec.adapters)} of layer {path!r} was modified after it was "
+                    "merged, so the exact restore record no longer applies; nothing was unmerged"
+                )
+    done = []
+    for path, layer, todo in plan:
+        w = layer.weight
+        for rec in todo:
+            a, b, scale = _factors(layer, rec.adapters)
+            if rec.exact:
+                ops.unmerge_exact_(w, a, b, scale, rec.codes, layer.fan_in_fan_out)
+                if rec.escape_index.numel():
+                    w.view(-1)[rec.escape_index.long()] = rec.escape_values
+            else:
+                ops.merge_(w, a, b, -scale, layer.fan_in_fan_out)
+            for n in rec.adapters:
+                del layer.merged[n]
+            remaining = _records(layer)
+            if remaining:  # the weight is back to what the previous merge left: its record applies again
+                remaining[-1].weight_version = w._version
+        done.append(path)
+    return done

@@ -1,0 +1,332 @@
+"""Adapter files in PEFT's folder format (DESIGN.md §6): save_adapter, load_adapter, hot_swap.
+
+A folder holds adapter_config.json (PEFT's keys; unknown keys kept from loading are written back) and
+adapter_model.safetensors (metadata {"format": "pt"}) with, adapter name removed:
+  base_model.model.<layer path>.lora_A.weight [r, K]   base_model.model.<layer path>.lora_B.weight [N, r]
+  base_model.model.<layer path>.base_layer.bias        (bias="lora_only" or "all")
+  base_model.model.<other path>.bias                   (bias="all": every other parameter named *bias*)
+  base_model.model.<module path>.<param>               (modules_to_save)
+Files whose keys lack the "base_model.model." prefix are read too.
+
+Loading reads only safetensors (a pickle file is refused), and checks every key, shape and dtype against
+the model before any parameter is touched: on any error the model is unchanged. Saving writes temporary
+files in the target folder and renames them over the old ones (os.replace), so a failed save leaves the
+previous adapter intact.
+"""
+
+import json
+import os
+import tempfile
+import torch
+from torch import Tensor, nn
+
+from .config import CONFIG_NAME, LoraConfig, is_conv1d
+from .inject import CONFIGS_ATTR, adapter_paths, configs, inject, lora_layers, modules_to_save_params
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+PREFIX = "base_model.model."
+_FILE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+# ---- saving --------------------------------------------------------------------------------------
+
+
+def _extra_params(model: nn.Module, config: LoraConfig, lora_paths: list[str]) -> dict[str, nn.Parameter]:
+    """{file key without prefix: model parameter} of the biases and modules_to_save parameters an adapter
+    carries besides its factors. ``lora_paths``: the layers that hold (or will hold) the adapter; a bias
+    of such a layer is named <path>.base_layer.bias whether or not the layer is wrapped yet."""
+    out = {}
+    wrapped = set(lora_paths)
+    if config.bias != "none":
+        for name, p in model.named_parameters():
+            if "lora_" in name or "bias" not in name.rpartition(".")[2]:
+                continue
+            owner, _, leaf = name.rpartition(".")
+            if owner in wrapped:  # not yet wrapped: <path>.bias becomes <path>.base_layer.bias
+                key = f"{owner}.base_layer.{leaf}"
+            else:
+                key = name
+            layer_path = key[: -len(".base_layer." + leaf)] if key.endswith(".base_layer." + leaf) else None
+            if config.bias == "lora_only" and layer_path not in wrapped:
+                continue
+            out[key] = p
+    out.update(modules_to_save_params(model, config))
+    return out
+
+
+def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, Tensor]:
+    """The tensors save_adapter writes, keyed as in PEFT's files (with the base_model.model. prefix)."""
+    if adapter not in configs(model):
+        raise ValueError(f"loracuda.save_adapter: the model has no adapter named {adapter!r} (adapters: {sorted(configs(model))})")
+    config = configs(model)[adapter]
+    paths = adapter_paths(model, adapter)
+    out = {}
+    for path, layer in lora_layers(model):
+        if adapter in layer.lora_A:
+            out[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A[adapter]
+            out[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B[adapter]
+    for key, p in _extra_params(model, config, paths).items():
+        out[PREFIX + key] = p
+    # Own contiguous copies: safetensors refuses shared storage (e.g. tied embeddings in modules_to_save).
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_adapter(model: nn.Module, path: str, adapter: str = "default") -> None:
+    """Writes adapter ``adapter`` to folder ``path`` (created if needed) in PEFT's format. Each file is
+    written to a temporary file in the folder and renamed over the old one, so an error (permission
+    denied, a full disk, a write failing part-way) leaves a previous adapter there intact."""
+    import safetensors.torch
+
+    tensors = adapter_state_dict(model, adapter)
+    config = configs(model)[adapter].to_peft()
+    text = json.dumps(config, indent=2, sort_keys=True)
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+
+    # Both temporaries are written completely before either is renamed, so a failed write changes nothing.
+    fd_w, tmp_w = tempfile.mkstemp(prefix=f".{WEIGHTS_NAME}.", suffix=".tmp", dir=path)
+    os.close(fd_w)
+    fd_c, tmp_c = None, None
+    try:
+        safetensors.torch.save_file(tensors, tmp_w, metadata={"format": "pt"})
+        fd_c, tmp_c = tempfile.mkstemp(prefix=f".{CONFIG_NAME}.", suffix=".tmp", dir=path)
+        os.close(fd_c)
+        _write_text(tmp_c, text)
+        for tmp in (tmp_w, tmp_c):  # mkstemp makes owner-only files; adapter files are shared as usual
+            os.chmod(tmp, 0o644)
+        # The rename of the weights and of the config are two steps; between them (no write can fail
+        # there, only the rename of the config on the same folder) the folder holds the new weights.
+        os.replace(tmp_w, os.path.join(path, WEIGHTS_NAME))
+        tmp_w = None
+        os.replace(tmp_c, os.path.join(path, CONFIG_NAME))
+        tmp_c = None
+    finally:
+        for tmp in (tmp_w, tmp_c):
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+
+
+# ---- reading and checking ------------------------------------------------------------------------
+
+
+def _weights_file(path: str) -> tuple[str, str]:
+    """(folder, safetensors file) for an adapter folder or a file path; refuses pickle files."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        folder, file = path, os.path.join(path, WEIGHTS_NAME)
+        if not os.path.exists(file):
+            pickles = [n for n in PICKLE_NAMES if os.path.exists(os.path.join(path, n))]
+            if pickles:
+                raise ValueError(
+                    f"loracuda: {os.path.join(path, pickles[0])!r} is a pickle file; only safetensors adapter files "
+                    "are loaded (pickle can run arbitrary code). Convert it with safetensors first."
+                )
+            raise FileNotFoundError(f"loracuda: no {WEIGHTS_NAME} in {path!r}")
+    else:
+        folder, file = os.path.dirname(path) or ".", path
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"loracuda: no adapter file or folder at {path!r}")
+    with open(file, "rb") as f:
+        head = f.read(9)
+    # A safetensors file starts with its header's length (u64, little endian) and the JSON header "{".
+    # torch.save writes a zip archive ("PK") or a raw pickle (protocol byte 0x80).
+    if head[8:9] != b"{" and (head[:2] == b"PK" or head[:1] == b"\x80"):
+        raise ValueError(
+            f"loracuda: {file!r} is a pickle / torch.save file, not safetensors; only safetensors adapter files "
+            "are loaded (pickle can run arbitrary code)"
+        )
+    return folder, file
+
+
+def _read_tensors(file: str) -> dict[str, Tensor]:
+    import safetensors.torch
+
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"loracuda: {file!r} is truncated or not a safetensors file ({size} bytes)")
+        header_len = int.from_bytes(head, "little")
+        if header_len <= 0 or 8 + header_len > size:
+            raise ValueError(
+                f"loracuda: {file!r} is truncated or not a safetensors file (header of {header_len} bytes, file of {size})"
+            )
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"loracuda: {file!r} has a corrupt safetensors header ({error})") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end > size:
+        raise ValueError(
+            f"loracuda: {file!r} is truncated: its header describes {8 + header_len + end} bytes, the file has {size}"
+        )
+    try:
+        return safetensors.torch.load_file(file)
+    except Exception as error:
+        raise ValueError(f"loracuda: {file!r} is not a valid safetensors file ({error})") from None
+
+
+def _strip(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    out = {}
+    for key, t in tensors.items():
+        short = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+        if short in out:
+            raise ValueError(f"loracuda: adapter file has key {short!r} both with and without the {PREFIX!r} prefix")
+        out[short] = t
+    return out
+
+
+def _expected(model: nn.Module, config: LoraConfig, adapter: str):
+    """(paths, {file key without prefix: (kind "A" | "B" | "param", layer path or parameter, shape)}) for
+    loading ``adapter``: the layers already holding it, else those ``config`` targets."""
+    existing = adapter_paths(model, adapter)
+    paths = existing if existing else config.target_paths(model)
+    if not paths:
+        raise ValueError(f"loracuda.load_adapter: no module of the model matched {config.describe_targets()}")
+    expected = {}
+    for path in paths:
+        module = model.get_submodule(path)
+        base = getattr(module, "base_layer", module)
+        n, k = (base.weight.shape[1], base.weight.shape[0]) if is_conv1d(base) else tuple(base.weight.shape)
+        r = module.r[adapter] if existing else config.rank_for(path)
+        expected[f"{path}.lora_A.weight"] = ("A", path, (r, k))
+        expected[f"{path}.lora_B.weight"] = ("B", path, (n, r))
+    for key, p in _extra_params(model, config, paths).items():
+        expected[key] = ("param", p, tuple(p.shape))
+    return paths, expected
+
+
+def _check(file: str, tensors: dict[str, Tensor], expected: dict, pad_rank: bool) -> None:
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing[:5]}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    if unexpected:
+        problems.append(
+            f"unexpected keys {unexpected[:5]}" + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
+        )
+    for key, (kind, _, shape) in expected.items():
+        t = tensors.get(key)
+        if t is None:
+            continue
+        if t.dtype not in _FILE_DTYPES:
+            problems.append(f"key {key!r} has dtype {t.dtype}; expected a floating dtype ({', '.join(map(str, _FILE_DTYPES))})")
+            continue
+        ok = tuple(t.shape) == shape
+        if not ok and pad_rank and kind in ("A", "B") and t.dim() == 2:
+            # hot_swap: a smaller rank is zero-padded up to the layer's rank.
+            if kind == "A":
+                ok = t.shape[1] == shape[1] and 1 <= t.shape[0] <= shape[0]
+            else:
+                ok = t.shape[0] == shape[0] and 1 <= t.shape[1] <= shape[1]
+        if not ok:
+            what = "at most " if pad_rank and kind in ("A", "B") else ""
+            problems.append(f"key {key!r} has shape {list(t.shape)}; the model expects {what}{list(shape)}")
+    if problems:
+        raise ValueError(f"loracuda: adapter file {file!r} does not fit the model: " + "; ".join(problems) + ". The model is unchanged.")
+
+
+def _check_ranks(file: str, tensors: dict[str, Tensor], expected: dict) -> None:
+    for key, (kind, path, _) in expected.items():
+        if kind == "A":
+            a, b = tensors[key], tensors[f"{path}.lora_B.weight"]
+            if a.shape[0] != b.shape[1]:
+                raise ValueError(
+                    f"loracuda: adapter file {file!r}: key {key!r} has rank {a.shape[0]} but "
+                    f"'{path}.lora_B.weight' has rank {b.shape[1]}. The model is unchanged."
+                )
+
+
+# ---- loading -------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, path: str, adapter: str = "default") -> nn.Module:
+    """Loads a PEFT-format adapter folder into adapter ``adapter``, injecting it first when the model has
+    no adapter of that name (with the file's config). Every key, shape and dtype is checked before any
+    parameter is touched; on any error the model is unchanged. Returns ``model``."""
+    folder, file = _weights_file(path)
+    config = LoraConfig.from_peft(folder)
+    tensors = _strip(_read_tensors(file))
+    exists = adapter in configs(model) or bool(adapter_paths(model, adapter))
+    if exists:
+        merged = [p for p, layer in lora_layers(model) if adapter in layer.merged]
+        if merged:
+            raise RuntimeError(
+                f"loracuda.load_adapter: adapter {adapter!r} is merged into {merged[:3]}; unmerge it first "
+                "(or use hot_swap, which handles merged adapters)"
+            )
+    paths, expected = _expected(model, config, adapter)
+    _check(file, tensors, expected, pad_rank=False)
+    _check_ranks(file, tensors, expected)
+    if not exists:
+        inject(model, config, adapter)
+    layers = dict(lora_layers(model))
+    for key, (kind, target, _) in expected.items():
+        t = tensors[key]
+        if kind == "param":
+            target.copy_(t)
+        else:
+            layer = layers[target]
+            (layer.lora_A if kind == "A" else layer.lora_B)[adapter].copy_(t)
+    if exists:
+        for p in paths:
+            layers[p].set_scale(adapter, config.rank_for(p), config.alpha_for(p), config.use_rslora)
+            layers[p].dropout_p[adapter] = float(config.dropout)
+    stored = dict(configs(model))
+    config.fan_in_fan_out = stored[adapter].fan_in_fan_out if adapter in stored else config.fan_in_fan_out
+    stored[adapter] = config
+    setattr(model, CONFIGS_ATTR, stored)
+    return model
+
+
+@torch.no_grad()
+def hot_swap(model: nn.Module, path: str, adapter: str = "default") -> None:
+    """Copies the adapter in folder ``path`` into the existing adapter ``adapter`` in place: same target
+    layers; a file rank smaller than the layer's is zero-padded, and the file's scale is folded into B so
+    the layers' scales (and a compiled graph) stay as they are. Merged layers are unmerged, updated and
+    merged again. Everything is checked before anything changes."""
+    from .merge import merge, unmerge
+
+    if not adapter_paths(model, adapter):
+        raise ValueError(f"loracuda.hot_swap: the model has no adapter named {adapter!r}; load_adapter it first")
+    folder, file = _weights_file(path)
+    config = LoraConfig.from_peft(folder)
+    tensors = _strip(_read_tensors(file))
+    paths, expected = _expected(model, config, adapter)
+    _check(file, tensors, expected, pad_rank=True)
+    _check_ranks(file, tensors, expected)
+    layers = dict(lora_layers(model))
+    for p in paths:
+        if layers[p].scaling[adapter] == 0.0:
+            raise ValueError(f"loracuda.hot_swap: layer {p!r} has scale 0 for adapter {adapter!r}; cannot fold the new scale in")
+    merged = {p: layers[p].merged[adapter] for p in paths if adapter in layers[p].merged}
+    if merged:
+        unmerge(model, adapter)  # checks every record before writing
+    for p in paths:
+        layer = layers[p]
+        a_file, b_file = tensors[f"{p}.lora_A.weight"], tensors[f"{p}.lora_B.weight"]
+        r_file = a_file.shape[0]
+        factor = (config.alpha_for(p) / ((r_file**0.5) if config.use_rslora else r_file)) / layer.scaling[adapter]
+        a, b = layer.lora_A[adapter], layer.lora_B[adapter]
+        a.zero_()
+        b.zero_()
+        a[:r_file].copy_(a_file)
+        b[:, :r_file].copy_(b_file.to(torch.float64).mul(factor) if factor != 1.0 else b_file)
+    for key, (kind, target, _) in expected.items():
+        if kind == "param":
+            target.copy_(tensors[key])
+    for p, rec in merged.items():
+        merge(layers[p], list(rec.adapters), exact=rec.exact)
