@@ -142,10 +142,13 @@ def extension_modules():
     generated = write_build_config(with_cuda, archs)
     sources = ["csrc/ops.cpp", "csrc/lora_linear.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc"), generated]
-    cxx_flags = ["-O3"]
+    # -fopenmp: at::parallel_for is a header-inline `#pragma omp parallel` (torch's OpenMP backend), so
+    # without it the CPU kernels run on one thread. The runtime is the libgomp torch already loads.
+    cxx_flags = ["-O3", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     if not with_cuda:
         return [CppExtension("loracuda._C", sources, include_dirs=include_dirs,
-                             extra_compile_args={"cxx": cxx_flags})]
+                             extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)]
     sources += ["csrc/cuda/bindings.cpp"] + sorted(glob.glob("csrc/cuda/*.cu"))
     nvcc_flags = [
         "-O3",
@@ -160,6 +163,7 @@ def extension_modules():
             include_dirs=include_dirs + cuda_wheel_include_dirs(),
             define_macros=[("LORACUDA_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags + ["-DLORACUDA_WITH_CUDA"], "nvcc": nvcc_flags},
+            extra_link_args=link_flags,
         )
     ]
 
