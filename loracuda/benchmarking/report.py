@@ -81,7 +81,9 @@ def format_table(record: dict) -> str:
     dev = record["device"]
     ceil = record["ceilings"]
     lines = [
-        f"loracuda bench  device: {dev.get('name')} ({dev.get('type')}, {dev.get('threads')} threads)  "
+        f"loracuda bench  device: {dev.get('name')} ({dev.get('type')}, {dev.get('threads')} threads"
+        + (f", load {dev['load_average_1min']:.1f}" if dev.get("load_average_1min") is not None else "")
+        + ")  "
         f"torch {record['torch']}  commit {str(record.get('commit'))[:12]}{' (dirty)' if record.get('dirty') else ''}",
         "ceilings: copy "
         + (f"{ceil['copy_bytes_per_s'] / 1e9:.1f} GB/s" if ceil.get("copy_bytes_per_s") else "-")

@@ -1,6 +1,7 @@
 """The JSON record of a run, and the comparison of a run against a baseline record.
 
-Record: {"schema": 1, "created", "device": {type, name, cpu_model, threads}, "commit", "dirty",
+Record: {"schema": 1, "created", "device": {type, name, cpu_model, threads, load_average_1min},
+"commit", "dirty",
 "torch", "python", "build_info", "dtype", "quick", "ceilings", "cases": [...]}, each case as
 runner.run_case writes it (id, suite, op, shape, dtype, bytes, flops, results per provider).
 
@@ -40,6 +41,11 @@ def cpu_model() -> str:
 
 def device_info(device: torch.device) -> dict:
     info = {"type": device.type, "cpu_model": cpu_model(), "threads": torch.get_num_threads()}
+    try:
+        # Load of the machine when the run began: CPU figures from a busy machine are not comparable.
+        info["load_average_1min"] = os.getloadavg()[0]
+    except OSError:
+        pass
     if device.type == "cuda":
         info["name"] = torch.cuda.get_device_name(device)
         props = torch.cuda.get_device_properties(device)

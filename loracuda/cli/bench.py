@@ -62,8 +62,12 @@ def add_parser(subparsers) -> None:
         help="activation and weight dtype: float32, bfloat16 or float16 (default: float32 on cpu, "
         "bfloat16 on cuda); merge_ cases always run in float32 and bfloat16 too",
     )
-    p.add_argument("--quick", action="store_true", help="fewer shapes and repeats (a smoke run of about 2 minutes on a small CPU)")
-    p.add_argument("--json", metavar="OUT.json", help="write every figure, with device, commit and versions, to this file")
+    p.add_argument(
+        "--quick", action="store_true", help="fewer shapes and repeats (a smoke run of about 2 minutes on a small CPU)"
+    )
+    p.add_argument(
+        "--json", metavar="OUT.json", help="write every figure, with device, commit and versions, to this file"
+    )
     p.add_argument(
         "--compare",
         metavar="BASE.json",
