@@ -1,9 +1,10 @@
 """The JSON record of a run, and the comparison of a run against a baseline record.
 
 Record: {"schema": 1, "created", "device": {type, name, cpu_model, threads, load_average_1min},
-"commit", "dirty",
-"torch", "python", "build_info", "dtype", "quick", "ceilings", "cases": [...]}, each case as
-runner.run_case writes it (id, suite, op, shape, dtype, bytes, flops, results per provider).
+"commit", "dirty", "torch", "python", "build_info", "dtype", "quick", "ceilings", "cases": [...]},
+each case as runner.run_case writes it (id, suite, op, shape, dtype, bytes, flops, results per
+provider: median_ms, p20_ms, p80_ms, repeats, GBps, TFLOPs, pct_copy_bw, pct_gemm, x_loracuda,
+x_base, peak_extra_bytes where measured, or error).
 
 Comparison: a case regresses when loracuda's median time exceeds the baseline's by more than the
 threshold (a fraction: 0.05 = 5%), or when loracuda has a time in the baseline and none now.
