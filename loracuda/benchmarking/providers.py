@@ -201,7 +201,13 @@ class _AddmmLoRA(torch.autograd.Function):
 
 
 def layer_forwards(
-    weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, dropout_p: float, with_peft: bool
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    dropout_p: float,
+    with_peft: bool,
+    with_reference: bool = True,
 ) -> dict[str, tuple[Callable[[Tensor], Tensor], list[Tensor]]]:
     """provider -> (forward(x) -> y, its trainable tensors). weight [N, K] is frozen; each provider
     trains its own copies of lora_a [r, K] and lora_b [N, r]."""
@@ -221,9 +227,13 @@ def layer_forwards(
         layer = peft_linear(weight, lora_a, lora_b, scale, dropout_p)
         layer.train()
         forwards["peft"] = (layer, [layer.lora_A["default"].weight, layer.lora_B["default"].weight])
-    a2, b2 = params()
-    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=weight.device)
-    forwards["reference"] = (lambda x: reference.lora_linear(x, weight, None, a2, b2, scale, dropout_p, seed), [a2, b2])
+    if with_reference:
+        a2, b2 = params()
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=weight.device)
+        forwards["reference"] = (
+            lambda x: reference.lora_linear(x, weight, None, a2, b2, scale, dropout_p, seed),
+            [a2, b2],
+        )
     a3, b3 = params()
     forwards["addmm"] = (lambda x: _AddmmLoRA.apply(x, weight, a3, b3, scale, dropout_p), [a3, b3])
     return forwards

@@ -98,6 +98,8 @@ def format_table(record: dict) -> str:
         if case.get("target") is not None:
             title += f"   target: loracuda <= {case['target']:.2f}x base"
         lines.append(title)
+        for note in case.get("notes", []):
+            lines.append(f"  note: {note}")
         if case.get("error"):
             lines.append(f"  case failed: {case['error']}")
             continue

@@ -256,15 +256,18 @@ def layer_suite(ctx: SuiteContext) -> list:
     cases = []
     for m in ms:
         for p in LAYER_DROPOUTS:
+            # The reference draws its dropout mask with int64 tensor arithmetic (the definition of the
+            # hash, not a fast path): seconds per call at full size on a CPU, so --quick leaves it out.
+            with_reference = not (ctx.quick and p > 0.0 and not ctx.tiny)
             for mode in LAYER_MODES:
 
-                def make(m=m, p=p, mode=mode):
+                def make(m=m, p=p, mode=mode, with_reference=with_reference):
                     g = _generator(dev, 5)
                     x = _randn((m, k), dtype, dev, g)
                     weight = _randn((n, k), dtype, dev, g, 1.0 / math.sqrt(k))
                     grad_y = _randn((m, n), dtype, dev, g)
                     lora_a, lora_b = _adapter(k, n, r, dtype, dev, g)
-                    forwards = P.layer_forwards(weight, lora_a, lora_b, SCALE, p, ctx.with_peft)
+                    forwards = P.layer_forwards(weight, lora_a, lora_b, SCALE, p, ctx.with_peft, with_reference)
                     benches = {}
                     for name, (forward, trainable) in forwards.items():
                         benches[name] = P.layer_bench(forward, trainable, x, grad_y, mode)
@@ -275,5 +278,8 @@ def layer_suite(ctx: SuiteContext) -> list:
                 b, f = layer_cost(m, k, n, r, es, mode)
                 shape = {"M": m, "K": k, "N": n, "r": r, "p": p}
                 target = LAYER_TARGETS[p] if mode == "fwd+bwd" else None
-                cases.append(Case("layer", mode, shape, dtype, b, f, make, baseline="base", target=target))
+                case = Case("layer", mode, shape, dtype, b, f, make, baseline="base", target=target)
+                if not with_reference:
+                    case.notes.append("reference left out under --quick (its hash dropout mask is slow by design)")
+                cases.append(case)
     return cases
