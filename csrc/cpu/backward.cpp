@@ -1,0 +1,190 @@
+// CPU kernel of loracuda.backward: the LoRA part of a linear layer's backward (DESIGN.md §3).
+//
+//   g      = scale * grad_y[:, slice] @ lora_b[slice]     [M, R]  ┐ the pass over grad_y
+//   grad_b = scale * grad_y[:, slice]^T @ h[:, slice]     [N, r]  ┘
+//   grad_a = g^T @ (mask * x / q)                         [R, K]  ┐ the pass over x (and grad_x)
+//   grad_x += mask * (g @ lora_a) / q                     [M, K]  ┘
+//
+// float32 / float64 values skip a pass's blocking where BLAS can take the tensors as they are: the
+// grad_y pass always, the x pass when there is no dropout. Otherwise (bf16 / fp16 values, or dropout
+// in the x pass) the pass walks its M x K (or M x N) operand in row blocks that fit in L2: a block is
+// widened to the accumulation type, masked once, and used both for its grad_a (or grad_b) GEMM and for
+// its rows of grad_x, so x and grad_x are each read once and no M x K temporary exists. Reductions
+// over M are summed per fixed chunk of rows and then chunk by chunk in order (cpu/common.h), so the
+// result does not depend on the thread count.
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "checks.h"
+#include "cpu/common.h"
+
+namespace loracuda {
+namespace cpu {
+namespace {
+
+// Sum of partials [C, ...] over C, in order.
+Tensor sum_in_order(const Tensor& partials) {
+  Tensor total = partials[0].clone();
+  for (int64_t c = 1; c < partials.size(0); ++c) total.add_(partials[c]);
+  return total;
+}
+
+// The grad_y pass for bf16 / fp16 grad_y: fills g [M, R] and returns grad_b [N, r] (accumulation type,
+// scale applied).
+template <typename T>
+Tensor grad_y_pass_blocked(const Tensor& grad_y, const Tensor& h, const Tensor& b, double scale,
+                           const std::vector<int64_t>& off, Tensor& g) {
+  const int64_t m = grad_y.size(0), n = grad_y.size(1), r = b.size(1);
+  const int64_t slices = static_cast<int64_t>(off.size()) - 1;
+  const T* dyp = grad_y.const_data_ptr<T>();
+  const int64_t rs = row_stride(grad_y), cs = col_stride(grad_y);
+  const int64_t bm = block_rows(n, sizeof(float));
+  const int64_t chunk = reduction_chunk_rows(m, bm);
+  const int64_t chunks = (m + chunk - 1) / chunk;
+  const auto fopt = grad_y.options().dtype(at::kFloat);
+  Tensor partial = at::zeros({chunks, n, r}, fopt);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> buf(static_cast<size_t>(bm * n));
+    for (int64_t c = c0; c < c1; ++c) {
+      Tensor part = partial[c];
+      for (int64_t m0 = c * chunk; m0 < std::min(m, (c + 1) * chunk); m0 += bm) {
+        const int64_t mb = std::min(bm, m - m0);
+        for (int64_t i = 0; i < mb; ++i) load_row(dyp + (m0 + i) * rs, cs, n, buf.data() + i * n);
+        const Tensor dyb = at::from_blob(buf.data(), {mb, n}, fopt);
+        const Tensor hb = h.narrow(0, m0, mb);
+        Tensor gb = g.narrow(0, m0, mb);
+        for (int64_t s = 0; s < slices; ++s) {
+          const int64_t n0 = off[s], ns = off[s + 1] - off[s];
+          const Tensor dys = dyb.narrow(1, n0, ns);
+          gb.narrow(1, s * r, r).copy_(at::mm(dys, b.narrow(0, n0, ns)));
+          part.narrow(0, n0, ns).addmm_(dys.t(), hb.narrow(1, s * r, r));
+        }
+        gb.mul_(scale);
+      }
+    }
+  });
+  return sum_in_order(partial).mul_(scale);
+}
+
+// The x pass in row blocks: returns grad_a [R, K] (accumulation type) and adds the LoRA part into
+// grad_x when given.
+template <typename T>
+Tensor x_pass_blocked(const Tensor& x, const Tensor& g, const Tensor& a, const Dropout& drop,
+                      const std::optional<Tensor>& grad_x) {
+  using A = acc_t<T>;
+  const int64_t m = x.size(0), k = x.size(1), big_r = a.size(0);
+  const T* xp = x.const_data_ptr<T>();
+  const int64_t xrs = row_stride(x), xcs = col_stride(x);
+  T* gxp = grad_x.has_value() ? grad_x->data_ptr<T>() : nullptr;
+  const int64_t grs = grad_x.has_value() ? row_stride(*grad_x) : 0;
+  const int64_t gcs = grad_x.has_value() ? col_stride(*grad_x) : 0;
+  const int64_t bm = block_rows(k, sizeof(A));
+  const int64_t chunk = reduction_chunk_rows(m, bm);
+  const int64_t chunks = (m + chunk - 1) / chunk;
+  const auto aopt = x.options().dtype(g.scalar_type());
+  Tensor partial = at::zeros({chunks, big_r, k}, aopt);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<A> xbuf(static_cast<size_t>(bm * k));
+    std::vector<A> gxbuf(gxp ? static_cast<size_t>(bm * k) : 0);
+    std::vector<A> gxrow(gxp ? static_cast<size_t>(k) : 0);
+    std::vector<uint8_t> keep(drop.active ? static_cast<size_t>(bm * k) : 0);
+    const A ks = static_cast<A>(drop.keep_scale);
+    for (int64_t c = c0; c < c1; ++c) {
+      Tensor part = partial[c];
+      for (int64_t m0 = c * chunk; m0 < std::min(m, (c + 1) * chunk); m0 += bm) {
+        const int64_t mb = std::min(bm, m - m0);
+        for (int64_t i = 0; i < mb; ++i) {
+          A* row = xbuf.data() + i * k;
+          load_row(xp + (m0 + i) * xrs, xcs, k, row);
+          if (drop.active) {
+            uint8_t* kr = keep.data() + i * k;
+            dropout_keep_row(drop, static_cast<uint64_t>(m0 + i) * static_cast<uint64_t>(k), k, kr);
+            apply_keep(kr, drop.keep_scale, k, row);
+          }
+        }
+        const Tensor xb = at::from_blob(xbuf.data(), {mb, k}, aopt);
+        const Tensor gb = g.narrow(0, m0, mb);
+        part.addmm_(gb.t(), xb);
+        if (gxp == nullptr) continue;
+        Tensor lora = at::from_blob(gxbuf.data(), {mb, k}, aopt);
+        at::mm_out(lora, gb, a);
+        for (int64_t i = 0; i < mb; ++i) {
+          const A* lr = gxbuf.data() + i * k;
+          A* acc = gxrow.data();
+          T* out = gxp + (m0 + i) * grs;
+          load_row(out, gcs, k, acc);
+          if (drop.active) {
+            const uint8_t* kr = keep.data() + i * k;
+            for (int64_t j = 0; j < k; ++j) acc[j] += kr[j] ? lr[j] * ks : A(0);
+          } else {
+            for (int64_t j = 0; j < k; ++j) acc[j] += lr[j];
+          }
+          store_row<T>(acc, k, out, gcs);
+        }
+      }
+    }
+  });
+  return sum_in_order(partial);
+}
+
+std::tuple<Tensor, Tensor> backward(const Tensor& grad_y, const Tensor& x, const Tensor& h, const Tensor& lora_a,
+                                    const Tensor& lora_b, double scale, double dropout_p,
+                                    const std::optional<Tensor>& seed, at::IntArrayRef slice_offsets,
+                                    const std::optional<Tensor>& grad_x) {
+  const std::vector<int64_t> off =
+      check_backward_args(grad_y, x, h, lora_a, lora_b, scale, dropout_p, seed, slice_offsets, grad_x);
+  const at::ScalarType acc = accumulate_dtype(x.scalar_type());
+  const Dropout drop = make_dropout(dropout_p, seed);
+  const int64_t m = x.size(0), k = x.size(1), n = grad_y.size(1);
+  const int64_t big_r = lora_a.size(0), r = lora_b.size(1);
+  const int64_t slices = static_cast<int64_t>(off.size()) - 1;
+  const auto aopt = x.options().dtype(acc);
+  if (m == 0) {
+    return {at::zeros({big_r, k}, lora_a.options()), at::zeros({n, r}, lora_b.options())};
+  }
+  const Tensor a = adapter_as(lora_a, acc);  // [R, K]
+  const Tensor b = adapter_as(lora_b, acc);  // [N, r]
+  const bool wide = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
+
+  Tensor g = at::empty({m, big_r}, aopt);
+  Tensor grad_b;
+  Tensor grad_a;
+  dispatch_value_type(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    // ---- the grad_y pass: g and grad_b
+    if (wide) {
+      grad_b = at::empty({n, r}, aopt);
+      for (int64_t s = 0; s < slices; ++s) {
+        const int64_t n0 = off[s], ns = off[s + 1] - off[s];
+        const Tensor dys = grad_y.narrow(1, n0, ns);
+        if (slices == 1) {
+          at::mm_out(g, dys, b);
+        } else {
+          g.narrow(1, s * r, r).copy_(at::mm(dys, b.narrow(0, n0, ns)));
+        }
+        Tensor gbs = grad_b.narrow(0, n0, ns);
+        at::mm_out(gbs, dys.t(), h.narrow(1, s * r, r));
+      }
+      g.mul_(scale);
+      grad_b.mul_(scale);
+    } else if constexpr (!std::is_same_v<acc_t<T>, double> && !std::is_same_v<T, float>) {
+      grad_b = grad_y_pass_blocked<T>(grad_y, h, b, scale, off, g);
+    }
+    // ---- the x pass: grad_a and grad_x
+    if (wide && !drop.active) {
+      grad_a = at::mm(g.t(), x);
+      if (grad_x.has_value()) grad_x->addmm_(g, a);
+    } else {
+      grad_a = x_pass_blocked<T>(x, g, a, drop, grad_x);
+    }
+  });
+  return {grad_a.to(lora_a.scalar_type()), grad_b.to(lora_b.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(loracuda, CPU, m) { m.impl("backward", &backward); }
+
+}  // namespace cpu
+}  // namespace loracuda

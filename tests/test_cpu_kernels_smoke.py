@@ -1,0 +1,164 @@
+"""Quick checks of the CPU kernels against loracuda/reference.py on a few shapes.
+
+Tolerance (DESIGN.md §7): the kernel's error against a float64 reference is at most 2x (3x for
+gradients) the error of plain PyTorch computing the same thing in the same dtype. A floor of a few
+units of float64 rounding covers results that plain PyTorch happens to get exactly right.
+"""
+
+import pytest
+import torch
+
+from loracuda import ops, reference as ref
+
+VALUE_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def err(got, want):
+    return (got.double() - want.double()).abs().max().item() if got.numel() else 0.0
+
+
+def assert_close_rule(got, plain, exact, factor=2.0):
+    floor = 8 * torch.finfo(torch.float64).eps * max(1.0, exact.abs().max().item() if exact.numel() else 0.0)
+    assert err(got, exact) <= factor * err(plain, exact) + floor, (err(got, exact), err(plain, exact))
+
+
+def randn(*shape, dtype, gen, scale=1.0):
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", VALUE_DTYPES)
+@pytest.mark.parametrize("m,k,r", [(0, 5, 3), (1, 7, 1), (127, 33, 16), (300, 257, 8)])
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_shrink(dtype, m, k, r, p):
+    gen = torch.Generator().manual_seed(m * 1000 + k)
+    x = randn(m, 2 * k, dtype=dtype, gen=gen)[:, ::2]  # strided columns
+    a = randn(r, k, dtype=dtype, gen=gen)
+    h = ops.shrink(x, a, p, 1234)
+    assert h.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and h.shape == (m, r)
+    exact = ref.shrink(x.double(), a.double(), p, 1234)
+    assert_close_rule(h, ref.shrink(x, a, p, 1234), exact)
+
+
+def test_shrink_dropout_mask_exact():
+    # Integer-valued inputs and p = 0.5 (keep_scale = 2): every product and sum is exact.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(-4, 5, (67, 45), generator=gen).float()
+    a = torch.randint(-4, 5, (3, 45), generator=gen).float()
+    assert torch.equal(ops.shrink(x, a, 0.5, 99), ref.shrink(x, a, 0.5, 99))
+    assert not torch.equal(ops.shrink(x, a, 0.5, 99), ops.shrink(x, a, 0.5, 100))
+
+
+@pytest.mark.parametrize("dtype", VALUE_DTYPES)
+@pytest.mark.parametrize("m,offsets,r", [(0, [0, 6], 2), (3, [0, 5], 1), (129, [0, 40, 48, 75], 16)])
+def test_expand_add(dtype, m, offsets, r):
+    gen = torch.Generator().manual_seed(m)
+    n, s = offsets[-1], len(offsets) - 1
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    big = randn(m, n + 9, dtype=dtype, gen=gen)
+    y = big[:, 4 : 4 + n]  # strided rows, guard columns on both sides
+    y0, guard = y.clone(), big.clone()
+    h = randn(m, s * r, dtype=acc, gen=gen)
+    b = randn(n, r, dtype=dtype, gen=gen)
+    ops.expand_add_(y, h, b, 0.75, offsets)
+    exact = ref.expand_add(y0.double(), h.double(), b.double(), 0.75, offsets)
+    assert_close_rule(y, ref.expand_add(y0, h, b, 0.75, offsets), exact)
+    assert torch.equal(big[:, :4], guard[:, :4]) and torch.equal(big[:, 4 + n :], guard[:, 4 + n :])
+
+
+@pytest.mark.parametrize("dtype", VALUE_DTYPES)
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("n,k,r", [(1, 1, 1), (37, 53, 5), (64, 130, 16)])
+def test_merge(dtype, transposed, n, k, r):
+    gen = torch.Generator().manual_seed(n * k)
+    w = randn(*((k, n) if transposed else (n, k)), dtype=dtype, gen=gen)
+    a, b = randn(r, k, dtype=dtype, gen=gen), randn(n, r, dtype=dtype, gen=gen)
+    w0 = w.clone()
+    ops.merge_(w, a, b, 0.5, transposed)
+    exact = ref.merge(w0.double(), a.double(), b.double(), 0.5, transposed)
+    assert_close_rule(w, ref.merge(w0, a, b, 0.5, transposed), exact)
+
+
+def unpack_codes(codes, numel):
+    shifts = torch.arange(4, dtype=torch.uint8) * 2
+    return ((codes.unsqueeze(1) >> shifts) & 3).flatten()[:numel]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_merge_unmerge_exact_cycles(dtype, transposed):
+    # An adapter large enough to change most elements; 50 merge -> unmerge cycles restore the bits.
+    gen = torch.Generator().manual_seed(7)
+    n, k, r = 45, 67, 8  # 45 * 67 elements: codes straddle rows and the last byte is partial
+    w = randn(*((k, n) if transposed else (n, k)), dtype=dtype, gen=gen)
+    original = w.clone()
+    changed = 0
+    for cycle in range(50):
+        a, b = randn(r, k, dtype=dtype, gen=gen, scale=0.3), randn(n, r, dtype=dtype, gen=gen, scale=0.3)
+        codes = ops.restore_codes(w, a, b, 0.8, transposed)
+        assert torch.equal(w, original)  # read-only
+        saved = w.flatten()[unpack_codes(codes, w.numel()) == 3].clone()
+        ops.merge_(w, a, b, 0.8, transposed)
+        changed += (w != original).sum().item()
+        ops.unmerge_exact_(w, a, b, 0.8, codes, transposed)
+        w.view(-1)[unpack_codes(codes, w.numel()) == 3] = saved
+        assert torch.equal(w.view(torch.uint8 if dtype != torch.float32 else torch.int32),
+                           original.view(torch.uint8 if dtype != torch.float32 else torch.int32)), cycle
+    assert changed > 0.5 * 50 * w.numel()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_restore_codes_match_definition(dtype):
+    # Integer adapters and a power-of-two scale make delta exact, so the definition can be evaluated
+    # with plain tensor ops and compared code by code.
+    gen = torch.Generator().manual_seed(3)
+    w = randn(33, 21, dtype=dtype, gen=gen)
+    a = torch.randint(-3, 4, (4, 21), generator=gen).float()
+    b = torch.randint(-3, 4, (33, 4), generator=gen).float()
+    d = ref.delta(a, b, 0.125)
+    w2 = ((w.float() + d).to(dtype).float() - d).to(dtype)
+    bw, b2 = w.view(torch.int16).int() & 0xFFFF, w2.view(torch.int16).int() & 0xFFFF
+    want = torch.full_like(bw, 3)
+    want[bw == b2 - 1] = 2
+    want[bw == b2 + 1] = 1
+    want[bw == b2] = 0
+    got = unpack_codes(ops.restore_codes(w, a, b, 0.125), w.numel()).view_as(bw).int()
+    assert torch.equal(got, want)
+    assert set(want.unique().tolist()) >= {0, 1, 2}
+
+
+@pytest.mark.parametrize("dtype", VALUE_DTYPES)
+@pytest.mark.parametrize("m,k,offsets,r", [(1, 3, [0, 2], 1), (130, 37, [0, 11, 20, 29], 8), (300, 64, [0, 48], 16)])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_backward(dtype, m, k, offsets, r, p):
+    gen = torch.Generator().manual_seed(m + k)
+    n, s = offsets[-1], len(offsets) - 1
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    dy = randn(m, n, dtype=dtype, gen=gen)
+    x = randn(m, k, dtype=dtype, gen=gen)
+    a, b = randn(s * r, k, dtype=dtype, gen=gen), randn(n, r, dtype=dtype, gen=gen)
+    h = ref.shrink(x, a, p, 5).to(acc)
+    gx_base = randn(m, k + 3, dtype=dtype, gen=gen)
+    gx = gx_base[:, 1 : 1 + k]
+    gx0 = gx.clone()
+    ga, gb = ops.backward(dy, x, h, a, b, 0.5, p, 5, offsets, gx)
+    exact = ref.backward(dy.double(), x.double(), h.double(), a.double(), b.double(), 0.5, p, 5, offsets)
+    plain = ref.backward(dy, x, h, a, b, 0.5, p, 5, offsets)
+    assert ga.dtype == a.dtype and gb.dtype == b.dtype
+    assert_close_rule(ga, plain[0], exact[0], 3.0)
+    assert_close_rule(gb, plain[1], exact[1], 3.0)
+    assert_close_rule(gx, (gx0.double() + plain[2].double()).to(dtype), gx0.double() + exact[2], 3.0)
+
+
+def test_backward_empty_and_fp32_adapters():
+    x = torch.zeros(0, 8, dtype=torch.bfloat16)
+    ga, gb = ops.backward(torch.zeros(0, 6, dtype=torch.bfloat16), x, torch.zeros(0, 2), torch.ones(2, 8),
+                          torch.ones(6, 2), 1.0)
+    assert torch.equal(ga, torch.zeros(2, 8)) and torch.equal(gb, torch.zeros(6, 2))
+
+
+def test_error_leaves_weight_untouched():
+    w = torch.randn(8, 8)
+    w0 = w.clone()
+    with pytest.raises(ValueError, match="lora_b"):
+        ops.merge_(w, torch.randn(2, 8), torch.randn(7, 2), 1.0)
+    assert torch.equal(w, w0)
