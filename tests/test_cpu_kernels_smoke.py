@@ -162,3 +162,24 @@ def test_error_leaves_weight_untouched():
     with pytest.raises(ValueError, match="lora_b"):
         ops.merge_(w, torch.randn(2, 8), torch.randn(7, 2), 1.0)
     assert torch.equal(w, w0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_lora_linear_autograd(dtype, p):
+    # Adapters that require grad reach the kernels (and their worker threads) with autograd enabled.
+    from loracuda.functional import lora_linear
+
+    gen = torch.Generator().manual_seed(11)
+    x = randn(200, 40, dtype=dtype, gen=gen).requires_grad_()
+    w = randn(24, 40, dtype=dtype, gen=gen)
+    a = randn(4, 40, dtype=dtype, gen=gen).requires_grad_()
+    b = randn(24, 4, dtype=dtype, gen=gen).requires_grad_()
+    gy = randn(200, 24, dtype=dtype, gen=gen)
+    lora_linear(x, w, None, a, b, 0.5, p, training=True, seed=21).backward(gy)
+    leaves = [t.detach().double().requires_grad_() for t in (x, a, b)]
+    ref.lora_linear(leaves[0], w.double(), None, leaves[1], leaves[2], 0.5, p, 21).backward(gy.double())
+    plain = [t.detach().clone().requires_grad_() for t in (x, a, b)]
+    ref.lora_linear(plain[0], w, None, plain[1], plain[2], 0.5, p, 21).backward(gy)
+    for got, exact, pl in zip((x, a, b), leaves, plain):
+        assert_close_rule(got.grad, pl.grad, exact.grad, 3.0)

@@ -45,6 +45,7 @@ Tensor grad_y_pass_blocked(const Tensor& grad_y, const Tensor& h, const Tensor& 
   const auto fopt = grad_y.options().dtype(at::kFloat);
   Tensor partial = at::zeros({chunks, n, r}, fopt);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // TLS: per worker thread
     std::vector<float> buf(static_cast<size_t>(bm * n));
     for (int64_t c = c0; c < c1; ++c) {
       Tensor part = partial[c];
@@ -85,6 +86,7 @@ Tensor x_pass_blocked(const Tensor& x, const Tensor& g, const Tensor& a, const D
   const auto aopt = x.options().dtype(g.scalar_type());
   Tensor partial = at::zeros({chunks, big_r, k}, aopt);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // TLS: per worker thread
     std::vector<A> xbuf(static_cast<size_t>(bm * k));
     std::vector<A> gxbuf(gxp ? static_cast<size_t>(bm * k) : 0);
     std::vector<A> gxrow(gxp ? static_cast<size_t>(k) : 0);
@@ -134,6 +136,9 @@ std::tuple<Tensor, Tensor> backward(const Tensor& grad_y, const Tensor& x, const
                                     const std::optional<Tensor>& grad_x) {
   const std::vector<int64_t> off =
       check_backward_args(grad_y, x, h, lora_a, lora_b, scale, dropout_p, seed, slice_offsets, grad_x);
+  // The ATen calls below are this kernel's internals: keep them out of autograd (the op's formula
+  // is registered separately) even when the op is reached by a redispatch without a guard.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::ScalarType acc = accumulate_dtype(x.scalar_type());
   const Dropout drop = make_dropout(dropout_p, seed);
   const int64_t m = x.size(0), k = x.size(1), n = grad_y.size(1);

@@ -15,6 +15,9 @@ namespace {
 
 void expand_add_(Tensor& y, const Tensor& h, const Tensor& lora_b, double scale, at::IntArrayRef slice_offsets) {
   const std::vector<int64_t> off = check_expand_add_args(y, h, lora_b, scale, slice_offsets);
+  // The ATen calls below are this kernel's internals: keep them out of autograd (the op's formula
+  // is registered separately) even when the op is reached by a redispatch without a guard.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t m = y.size(0), n = y.size(1), r = lora_b.size(1);
   const int64_t slices = static_cast<int64_t>(off.size()) - 1;
   if (m == 0) return;
@@ -37,6 +40,7 @@ void expand_add_(Tensor& y, const Tensor& h, const Tensor& lora_b, double scale,
       const int64_t bm = block_rows(n, sizeof(float));
       const int64_t blocks = (m + bm - 1) / bm;
       at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+        const at::AutoDispatchBelowADInplaceOrView below_autograd;  // TLS: per worker thread
         std::vector<float> buf(static_cast<size_t>(bm * n));
         for (int64_t blk = b0; blk < b1; ++blk) {
           const int64_t m0 = blk * bm, mb = std::min(bm, m - m0);

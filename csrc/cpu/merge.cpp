@@ -122,6 +122,9 @@ void merge_family(T* w, int64_t rows, int64_t cols, const Tensor& a, const Tenso
 void run(const Tensor& weight, const Tensor& lora_a, const Tensor& lora_b, double scale, bool transposed, Mode mode,
          uint8_t* codes) {
   if (weight.numel() == 0) return;
+  // The ATen calls below are this kernel's internals: keep them out of autograd (the op's formula
+  // is registered separately) even when the op is reached by a redispatch without a guard.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::ScalarType acc = accumulate_dtype(weight.scalar_type());
   // a [r, cols] and b [rows, r] of the stored layout [rows, cols] (see the file comment).
   const Tensor a = transposed ? adapter_as(lora_b.t(), acc) : adapter_as(lora_a, acc);

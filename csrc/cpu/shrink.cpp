@@ -16,6 +16,9 @@ namespace {
 
 Tensor shrink(const Tensor& x, const Tensor& lora_a, double dropout_p, const std::optional<Tensor>& seed) {
   check_shrink_args(x, lora_a, dropout_p, seed);
+  // The ATen calls below are this kernel's internals: keep them out of autograd (the op's formula
+  // is registered separately) even when the op is reached by a redispatch without a guard.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::ScalarType acc = accumulate_dtype(x.scalar_type());
   const Dropout drop = make_dropout(dropout_p, seed);
   const Tensor a_t = adapter_as(lora_a, acc).t();  // [K, R]
@@ -33,6 +36,7 @@ Tensor shrink(const Tensor& x, const Tensor& lora_a, double dropout_p, const std
     const int64_t bm = block_rows(k, sizeof(A));
     const int64_t blocks = (m + bm - 1) / bm;
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;  // TLS: per worker thread
       std::vector<A> buf(static_cast<size_t>(bm * k));
       std::vector<uint8_t> keep(drop.active ? static_cast<size_t>(k) : 0);
       for (int64_t blk = b0; blk < b1; ++blk) {
