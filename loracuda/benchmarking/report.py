@@ -121,6 +121,14 @@ def format_table(record: dict) -> str:
                 _bytes(entry["peak_extra_bytes"]) if entry.get("peak_extra_bytes") is not None else "-",
             ]
             lines.append("  " + _row(cells))
+        ratio = case["results"].get("loracuda", {}).get("x_base")
+        if case.get("target") is not None and ratio is not None:
+            verdict = "met" if ratio <= case["target"] else "missed"
+            others = ", ".join(
+                f"{name} {entry['x_base']:.3f}x" for name, entry in case["results"].items()
+                if name not in ("loracuda", "base") and entry.get("x_base") is not None
+            )
+            lines.append(f"  loracuda {ratio:.3f}x base: target <= {case['target']:.2f}x {verdict} ({others})")
         if case.get("memory_method"):
             lines.append(f"  peak extra: {case['memory_method']}")
     return "\n".join(lines) + "\n"
