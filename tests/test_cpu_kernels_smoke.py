@@ -183,3 +183,40 @@ def test_lora_linear_autograd(dtype, p):
     ref.lora_linear(plain[0], w, None, plain[1], plain[2], 0.5, p, 21).backward(gy)
     for got, exact, pl in zip((x, a, b), leaves, plain):
         assert_close_rule(got.grad, pl.grad, exact.grad, 3.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_merge_rounding_matches_torch(dtype):
+    # Exact delta (integer adapters, power-of-two scale): merge_ must round as torch's cast does,
+    # bit for bit, infinities and signed zeros included. NaN stays NaN (its payload is not compared:
+    # torch's scalar and vectorised casts write different NaN patterns).
+    gen = torch.Generator().manual_seed(5)
+    w = randn(19, 23, dtype=dtype, gen=gen, scale=100.0)
+    w.view(-1)[:6] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-30]).to(dtype)
+    a = torch.randint(-3, 4, (3, 23), generator=gen).float()
+    b = torch.randint(-3, 4, (19, 3), generator=gen).float()
+    want = (w.float() + ref.delta(a, b, 0.0625)).to(dtype)
+    ops.merge_(w, a, b, 0.0625)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert w.view(-1)[0].isnan()
+    assert torch.equal(w.view(-1)[1:].view(bits), want.view(-1)[1:].view(bits))
+
+
+def test_blocked_backward_independent_of_thread_count():
+    # Reductions over M run per fixed row chunk and are summed in order: 1 and 2 threads agree bitwise.
+    gen = torch.Generator().manual_seed(13)
+    m, k, n, r = 1000, 96, 80, 8
+    dy, x = randn(m, n, dtype=torch.bfloat16, gen=gen), randn(m, k, dtype=torch.bfloat16, gen=gen)
+    a, b = randn(r, k, dtype=torch.float32, gen=gen), randn(n, r, dtype=torch.float32, gen=gen)
+    h = ref.shrink(x, a, 0.1, 8).float()
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            gx = torch.zeros(m, k, dtype=torch.bfloat16)
+            results.append((*ops.backward(dy, x, h, a, b, 0.5, 0.1, 8, (), gx), gx))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)

@@ -40,7 +40,7 @@ Tensor grad_y_pass_blocked(const Tensor& grad_y, const Tensor& h, const Tensor& 
   const T* dyp = grad_y.const_data_ptr<T>();
   const int64_t rs = row_stride(grad_y), cs = col_stride(grad_y);
   const int64_t bm = block_rows(n, sizeof(float));
-  const int64_t chunk = reduction_chunk_rows(m, bm);
+  const int64_t chunk = reduction_chunk_rows(m, bm, n * r, sizeof(float));
   const int64_t chunks = (m + chunk - 1) / chunk;
   const auto fopt = grad_y.options().dtype(at::kFloat);
   Tensor partial = at::zeros({chunks, n, r}, fopt);
@@ -81,7 +81,7 @@ Tensor x_pass_blocked(const Tensor& x, const Tensor& g, const Tensor& a, const D
   const int64_t grs = grad_x.has_value() ? row_stride(*grad_x) : 0;
   const int64_t gcs = grad_x.has_value() ? col_stride(*grad_x) : 0;
   const int64_t bm = block_rows(k, sizeof(A));
-  const int64_t chunk = reduction_chunk_rows(m, bm);
+  const int64_t chunk = reduction_chunk_rows(m, bm, big_r * k, sizeof(A));
   const int64_t chunks = (m + chunk - 1) / chunk;
   const auto aopt = x.options().dtype(g.scalar_type());
   Tensor partial = at::zeros({chunks, big_r, k}, aopt);
@@ -91,18 +91,17 @@ Tensor x_pass_blocked(const Tensor& x, const Tensor& g, const Tensor& a, const D
     std::vector<A> gxbuf(gxp ? static_cast<size_t>(bm * k) : 0);
     std::vector<A> gxrow(gxp ? static_cast<size_t>(k) : 0);
     std::vector<uint8_t> keep(drop.active ? static_cast<size_t>(bm * k) : 0);
-    const A ks = static_cast<A>(drop.keep_scale);
     for (int64_t c = c0; c < c1; ++c) {
       Tensor part = partial[c];
       for (int64_t m0 = c * chunk; m0 < std::min(m, (c + 1) * chunk); m0 += bm) {
         const int64_t mb = std::min(bm, m - m0);
         for (int64_t i = 0; i < mb; ++i) {
           A* row = xbuf.data() + i * k;
-          load_row(xp + (m0 + i) * xrs, xcs, k, row);
           if (drop.active) {
-            uint8_t* kr = keep.data() + i * k;
-            dropout_keep_row(drop, static_cast<uint64_t>(m0 + i) * static_cast<uint64_t>(k), k, kr);
-            apply_keep(kr, drop.keep_scale, k, row);
+            load_dropped_row(drop, static_cast<uint64_t>(m0 + i) * static_cast<uint64_t>(k), xp + (m0 + i) * xrs, xcs,
+                             k, row, gxp != nullptr ? keep.data() + i * k : nullptr);
+          } else {
+            load_row(xp + (m0 + i) * xrs, xcs, k, row);
           }
         }
         const Tensor xb = at::from_blob(xbuf.data(), {mb, k}, aopt);
@@ -115,10 +114,15 @@ Tensor x_pass_blocked(const Tensor& x, const Tensor& g, const Tensor& a, const D
           const A* lr = gxbuf.data() + i * k;
           A* acc = gxrow.data();
           T* out = gxp + (m0 + i) * grs;
+          if constexpr (std::is_same_v<T, A>) {
+            if (drop.active && gcs == 1) {  // float32 / float64 rows: add in place, no widening copy
+              add_kept(keep.data() + i * k, drop.keep_scale, k, lr, out);
+              continue;
+            }
+          }
           load_row(out, gcs, k, acc);
           if (drop.active) {
-            const uint8_t* kr = keep.data() + i * k;
-            for (int64_t j = 0; j < k; ++j) acc[j] += kr[j] ? lr[j] * ks : A(0);
+            add_kept(keep.data() + i * k, drop.keep_scale, k, lr, acc);
           } else {
             for (int64_t j = 0; j < k; ++j) acc[j] += lr[j];
           }

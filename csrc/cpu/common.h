@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -46,7 +47,26 @@ inline T from_acc(acc_t<T> v) {
   return static_cast<T>(v);
 }
 
-// Calls fn.template operator()<T>() with T the C++ type of a kernel value dtype.
+// bf16 by its bits: the same values as c10::BFloat16's conversions (widening is exact; narrowing
+// rounds to nearest even, NaN -> 0x7FC0), written without branches so that row loops vectorise.
+template <>
+inline float to_acc<c10::BFloat16>(c10::BFloat16 v) {
+  const uint32_t u = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+template <>
+inline c10::BFloat16 from_acc<c10::BFloat16>(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  const uint32_t rounded = (u + UINT32_C(0x7FFF) + ((u >> 16) & 1)) >> 16;
+  const uint16_t bits = f != f ? UINT16_C(0x7FC0) : static_cast<uint16_t>(rounded);
+  return c10::BFloat16(bits, c10::BFloat16::from_bits());
+}
+
+// Calls fn(T{}) with T the C++ type of a kernel value dtype (fn is a generic lambda over T).
 template <typename Fn>
 inline void dispatch_value_type(at::ScalarType t, Fn&& fn) {
   switch (t) {
@@ -96,10 +116,13 @@ inline int64_t block_rows(int64_t width, int64_t elem_bytes) {
 }
 
 // A reduction over M (grad_a, grad_b) is summed per fixed chunk of rows, then the chunk partials in
-// order, so the result depends only on M, never on the thread count. At most 64 partials.
-inline int64_t reduction_chunk_rows(int64_t m, int64_t block) {
+// order, so the result depends only on the shapes, never on the thread count. The partials
+// ([chunks, partial_elems] of elem_bytes each) are capped at about 64 MiB and 64 chunks.
+inline int64_t reduction_chunk_rows(int64_t m, int64_t block, int64_t partial_elems, int64_t elem_bytes) {
+  const int64_t budget = int64_t{64} << 20;
+  const int64_t max_chunks = std::clamp<int64_t>(budget / std::max<int64_t>(1, partial_elems * elem_bytes), 2, 64);
   const int64_t min_rows = std::max<int64_t>(block, 256);
-  const int64_t rows = std::max<int64_t>(min_rows, (m + 63) / 64);
+  const int64_t rows = std::max<int64_t>(min_rows, (m + max_chunks - 1) / max_chunks);
   return (rows + block - 1) / block * block;  // whole blocks per chunk
 }
 
@@ -188,12 +211,148 @@ inline void dropout_keep_row(const Dropout& d, uint64_t start, int64_t n, uint8_
   }
 }
 
-// dst[k] = keep[k] ? src[k] * keep_scale : 0, in the accumulation type (for float64 values the
+namespace detail {
+
+template <typename A>
+using mask_t = std::conditional_t<sizeof(A) == 8, uint64_t, uint32_t>;
+
+// v where keep != 0, +0 elsewhere, by a bit mask: exact for any v (inf and NaN included, unlike
+// v * 0) and branch-free, so the loops below vectorise.
+template <typename A>
+__attribute__((always_inline)) inline A kept(uint8_t keep, A v) {
+  mask_t<A> bits;
+  std::memcpy(&bits, &v, sizeof(A));
+  bits &= mask_t<A>(0) - static_cast<mask_t<A>>(keep != 0);
+  std::memcpy(&v, &bits, sizeof(A));
+  return v;
+}
+
+// accumulate == false: row[k] = kept(row[k] * ks); true: row[k] += kept(src[k] * ks).
+template <typename A>
+__attribute__((always_inline)) inline void keep_rows_generic(const uint8_t* keep, A ks, int64_t n, const A* src,
+                                                             A* row, bool accumulate) {
+  if (accumulate) {
+    for (int64_t k = 0; k < n; ++k) row[k] += kept(keep[k], src[k] * ks);
+  } else {
+    for (int64_t k = 0; k < n; ++k) row[k] = kept(keep[k], row[k] * ks);
+  }
+}
+
+#ifdef LORACUDA_X86_DISPATCH
+template <typename A>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void keep_rows_avx512(const uint8_t* keep, A ks, int64_t n,
+                                                                            const A* src, A* row, bool accumulate) {
+  keep_rows_generic<A>(keep, ks, n, src, row, accumulate);
+}
+template <typename A>
+__attribute__((target("avx2"))) void keep_rows_avx2(const uint8_t* keep, A ks, int64_t n, const A* src, A* row,
+                                                    bool accumulate) {
+  keep_rows_generic<A>(keep, ks, n, src, row, accumulate);
+}
+#endif
+
+template <typename A>
+inline void keep_rows(const uint8_t* keep, A ks, int64_t n, const A* src, A* row, bool accumulate) {
+#ifdef LORACUDA_X86_DISPATCH
+  switch (isa()) {
+    case Isa::avx512: return keep_rows_avx512<A>(keep, ks, n, src, row, accumulate);
+    case Isa::avx2: return keep_rows_avx2<A>(keep, ks, n, src, row, accumulate);
+    default: break;
+  }
+#endif
+  keep_rows_generic<A>(keep, ks, n, src, row, accumulate);
+}
+
+}  // namespace detail
+
+// row[k] = keep[k] ? row[k] * keep_scale : 0, in the accumulation type (for float64 values the
 // float32 keep_scale is widened, as the reference multiplies a float64 x by it).
 template <typename A>
 inline void apply_keep(const uint8_t* keep, float keep_scale, int64_t n, A* row) {
-  const A ks = static_cast<A>(keep_scale);
-  for (int64_t k = 0; k < n; ++k) row[k] = keep[k] ? row[k] * ks : A(0);
+  detail::keep_rows<A>(keep, static_cast<A>(keep_scale), n, nullptr, row, false);
+}
+
+// row[k] += keep[k] ? src[k] * keep_scale : 0.
+template <typename A>
+inline void add_kept(const uint8_t* keep, float keep_scale, int64_t n, const A* src, A* row) {
+  detail::keep_rows<A>(keep, static_cast<A>(keep_scale), n, src, row, true);
+}
+
+namespace detail {
+
+// The fused dropout load of a unit-stride row segment: dst[i] = kept(keep_i, float(src[i]) * ks),
+// keep_i from the hash of element (lo + i, hi); keep_i stored too when `keep` is not null. One pass,
+// uint32 arithmetic and bit masks only, so it vectorises.
+template <typename T>
+__attribute__((always_inline)) inline void dropped_segment_generic(const T* src, int64_t n, DropoutKey key,
+                                                                   uint32_t threshold, uint32_t lo, uint32_t hi,
+                                                                   acc_t<T> ks, acc_t<T>* dst, uint8_t* keep) {
+  const uint32_t hi_key = hi + key.hi;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t first = mix32(lo + static_cast<uint32_t>(i) + key.lo);
+    const uint8_t kp = static_cast<uint8_t>((mix32(first ^ hi_key) >> 8) >= threshold);
+    if (keep != nullptr) keep[i] = kp;
+    dst[i] = kept(kp, to_acc(src[i]) * ks);
+  }
+}
+
+#ifdef LORACUDA_X86_DISPATCH
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void dropped_segment_avx512(
+    const T* src, int64_t n, DropoutKey key, uint32_t threshold, uint32_t lo, uint32_t hi, acc_t<T> ks,
+    acc_t<T>* dst, uint8_t* keep) {
+  if (keep != nullptr) return dropped_segment_generic<T>(src, n, key, threshold, lo, hi, ks, dst, keep);
+  dropped_segment_generic<T>(src, n, key, threshold, lo, hi, ks, dst, nullptr);
+}
+template <typename T>
+__attribute__((target("avx2"))) void dropped_segment_avx2(const T* src, int64_t n, DropoutKey key, uint32_t threshold,
+                                                          uint32_t lo, uint32_t hi, acc_t<T> ks, acc_t<T>* dst,
+                                                          uint8_t* keep) {
+  if (keep != nullptr) return dropped_segment_generic<T>(src, n, key, threshold, lo, hi, ks, dst, keep);
+  dropped_segment_generic<T>(src, n, key, threshold, lo, hi, ks, dst, nullptr);
+}
+#endif
+
+}  // namespace detail
+
+// dst[k] = mask * float(src[k]) * keep_scale for the n elements of a row starting at the logical flat
+// index `start` (= m * K); src has column stride cs. keep (optional) receives the mask.
+template <typename T>
+inline void load_dropped_row(const Dropout& d, uint64_t start, const T* src, int64_t cs, int64_t n, acc_t<T>* dst,
+                             uint8_t* keep) {
+  using A = acc_t<T>;
+  const A ks = static_cast<A>(d.keep_scale);
+  if (cs != 1) {  // gather first, then mask
+    std::vector<uint8_t> local(keep == nullptr ? static_cast<size_t>(n) : 0);
+    uint8_t* kp = keep != nullptr ? keep : local.data();
+    load_row(src, cs, n, dst);
+    dropout_keep_row(d, start, n, kp);
+    apply_keep(kp, d.keep_scale, n, dst);
+    return;
+  }
+  while (n > 0) {
+    const uint32_t lo = static_cast<uint32_t>(start);
+    const uint32_t hi = static_cast<uint32_t>(start >> 32);
+    const int64_t seg = std::min<int64_t>(n, static_cast<int64_t>((uint64_t{1} << 32) - lo));
+#ifdef LORACUDA_X86_DISPATCH
+    switch (detail::isa()) {
+      case detail::Isa::avx512:
+        detail::dropped_segment_avx512<T>(src, seg, d.key, d.threshold, lo, hi, ks, dst, keep);
+        break;
+      case detail::Isa::avx2:
+        detail::dropped_segment_avx2<T>(src, seg, d.key, d.threshold, lo, hi, ks, dst, keep);
+        break;
+      default: detail::dropped_segment_generic<T>(src, seg, d.key, d.threshold, lo, hi, ks, dst, keep);
+    }
+#else
+    detail::dropped_segment_generic<T>(src, seg, d.key, d.threshold, lo, hi, ks, dst, keep);
+#endif
+    start += static_cast<uint64_t>(seg);
+    n -= seg;
+    src += seg;
+    dst += seg;
+    if (keep != nullptr) keep += seg;
+  }
 }
 
 // ---- the rank-r delta micro-kernel -------------------------------------------------------------
@@ -208,6 +367,25 @@ inline void apply_keep(const uint8_t* keep, float keep_scale, int64_t n, A* row)
 namespace detail {
 
 constexpr int kDeltaRows = 8;  // rows of b per register block: each load of a feeds 8 FMAs
+
+// Rows of memory (the weight rows the caller works on next) to pull into L2 while the delta
+// arithmetic runs, so that the compute of one block overlaps the DRAM traffic of the next.
+// rows[i] == nullptr: nothing to prefetch. Column units are elements of `elem_bytes` bytes.
+struct Prefetch {
+  const char* rows[kDeltaRows] = {};
+  int64_t elem_bytes = 0;
+  inline void lines(int64_t k, int64_t cols) const {
+#ifdef LORACUDA_X86_DISPATCH
+    if (rows[0] == nullptr) return;
+    for (int64_t byte = k * elem_bytes; byte < (k + cols) * elem_bytes; byte += 64) {
+      for (int i = 0; i < kDeltaRows; ++i) _mm_prefetch(rows[i] + byte, _MM_HINT_T1);
+    }
+#else
+    (void)k;
+    (void)cols;
+#endif
+  }
+};
 
 // Scalar columns [k0, k1) of the rows; std::fma is the same correctly rounded operation as a lane of
 // the vector FMA.
@@ -226,10 +404,11 @@ inline void delta_cols_scalar(const F* a, int64_t K, const F* const* b, int r, F
 // One register block: kDeltaRows rows x (2 vectors of columns), accumulators in registers.
 #define LORACUDA_DELTA_KERNEL(NAME, TARGET, F, V, W, LOADU, STOREU, SET1, MUL, FMA)                            \
   __attribute__((target(TARGET))) inline void NAME(const F* a, int64_t K, const F* const* b, int r, F scale,  \
-                                                   F* const* out) {                                           \
+                                                   F* const* out, const Prefetch& pf) {                       \
     const V vs = SET1(scale);                                                                                 \
     int64_t k = 0;                                                                                            \
     for (; k + 2 * (W) <= K; k += 2 * (W)) {                                                                  \
+      pf.lines(k, 2 * (W));                                                                                   \
       V acc0[kDeltaRows], acc1[kDeltaRows];                                                                   \
       const V a0 = LOADU(a + k), a1 = LOADU(a + k + (W));                                                     \
       for (int i = 0; i < kDeltaRows; ++i) {                                                                  \
@@ -268,10 +447,11 @@ LORACUDA_DELTA_KERNEL(delta_block_avx2_d, "avx2,fma", double, __m256d, 4, _mm256
 }  // namespace detail
 
 // delta rows [i0, i0 + rows) (rows <= 8) of scale * b @ a into out [rows, K] contiguous.
-// `zero_b` is a row of r zeros (padding of a partial block); `spill` is a scratch row of K values.
+// `zero_b` is a row of r zeros (padding of a partial block); `spill` is a scratch row of K values;
+// `pf` names memory to prefetch meanwhile (no effect on the values).
 template <typename F>
 inline void delta_rows(const F* a, int64_t K, const F* b, int r, int64_t i0, int rows, F scale, F* out,
-                       const F* zero_b, F* spill) {
+                       const F* zero_b, F* spill, const detail::Prefetch& pf = {}) {
   const F* bp[detail::kDeltaRows];
   F* op[detail::kDeltaRows];
   for (int i = 0; i < detail::kDeltaRows; ++i) {
@@ -281,11 +461,11 @@ inline void delta_rows(const F* a, int64_t K, const F* b, int r, int64_t i0, int
 #ifdef LORACUDA_X86_DISPATCH
   const detail::Isa isa = detail::isa();
   if constexpr (std::is_same_v<F, float>) {
-    if (isa == detail::Isa::avx512) return detail::delta_block_avx512_f(a, K, bp, r, scale, op);
-    if (isa == detail::Isa::avx2) return detail::delta_block_avx2_f(a, K, bp, r, scale, op);
+    if (isa == detail::Isa::avx512) return detail::delta_block_avx512_f(a, K, bp, r, scale, op, pf);
+    if (isa == detail::Isa::avx2) return detail::delta_block_avx2_f(a, K, bp, r, scale, op, pf);
   } else {
-    if (isa == detail::Isa::avx512) return detail::delta_block_avx512_d(a, K, bp, r, scale, op);
-    if (isa == detail::Isa::avx2) return detail::delta_block_avx2_d(a, K, bp, r, scale, op);
+    if (isa == detail::Isa::avx512) return detail::delta_block_avx512_d(a, K, bp, r, scale, op, pf);
+    if (isa == detail::Isa::avx2) return detail::delta_block_avx2_d(a, K, bp, r, scale, op, pf);
   }
 #endif
   detail::delta_cols_scalar<F>(a, K, bp, r, scale, op, 0, K);

@@ -15,6 +15,8 @@
 // Bit patterns, not float ==, decide, so -0 / +0 and NaN are exact.
 #include <torch/library.h>
 
+#include <array>
+
 #include "checks.h"
 #include "cpu/common.h"
 
@@ -47,10 +49,10 @@ inline uint8_t restore_code(T w, acc_t<T> d) {
   const T w1 = from_acc<T>(to_acc(w) + d);
   const T w2 = from_acc<T>(to_acc(w1) - d);
   const bits_t<T> bw = bits_of(w), b2 = bits_of(w2);
-  if (bw == b2) return 0;
-  if (bw > b2 && bw - b2 == 1) return 1;
-  if (b2 > bw && b2 - bw == 1) return 2;
-  return 3;
+  const bits_t<T> up = static_cast<bits_t<T>>(bw - b2), down = static_cast<bits_t<T>>(b2 - bw);
+  // Selects rather than branches, so the loop over a row vectorises; bw > b2 excludes a wrap-around.
+  const uint8_t code = (bw > b2 && up == 1) ? 1 : ((b2 > bw && down == 1) ? 2 : 3);
+  return bw == b2 ? 0 : code;
 }
 
 inline void atomic_or_byte(uint8_t* p, uint8_t v) { __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }
@@ -77,6 +79,66 @@ inline void pack_codes(const uint8_t* c, int64_t e0, int64_t n, uint8_t* codes) 
   }
 }
 
+// The four 2-bit codes of a byte as four bytes, for unpacking a row four codes at a time.
+using CodeQuad = std::array<uint8_t, 4>;
+constexpr std::array<CodeQuad, 256> make_unpack_table() {
+  std::array<CodeQuad, 256> t{};
+  for (int b = 0; b < 256; ++b) {
+    for (int q = 0; q < 4; ++q) t[b][q] = static_cast<uint8_t>((b >> (2 * q)) & 3);
+  }
+  return t;
+}
+constexpr std::array<CodeQuad, 256> kUnpack = make_unpack_table();
+
+// c[k] = code of element e0 + k, for k < n.
+inline void unpack_codes(const uint8_t* codes, int64_t e0, int64_t n, uint8_t* c) {
+  int64_t k = 0;
+  for (; k < n && ((e0 + k) & 3) != 0; ++k) c[k] = (codes[(e0 + k) >> 2] >> (2 * ((e0 + k) & 3))) & 3;
+  for (; k + 4 <= n; k += 4) std::memcpy(c + k, kUnpack[codes[(e0 + k) >> 2]].data(), 4);
+  for (; k < n; ++k) c[k] = (codes[(e0 + k) >> 2] >> (2 * ((e0 + k) & 3))) & 3;
+}
+
+// The element-wise part of each op on one row of n elements, given the row's delta d. Always inlined
+// into the ISA clones below, which let the compiler vectorise it with AVX-512 / AVX2 lanes.
+template <typename T>
+__attribute__((always_inline)) inline void row_generic(Mode mode, T* w, const acc_t<T>* d, int64_t n,
+                                                       uint8_t* c) {
+  if (mode == Mode::merge) {
+    for (int64_t k = 0; k < n; ++k) w[k] = from_acc<T>(to_acc(w[k]) + d[k]);
+  } else if (mode == Mode::codes) {
+    for (int64_t k = 0; k < n; ++k) c[k] = restore_code(w[k], d[k]);
+  } else {
+    for (int64_t k = 0; k < n; ++k) {
+      const bits_t<T> bits = bits_of(from_acc<T>(to_acc(w[k]) - d[k]));
+      w[k] = from_bits<T>(static_cast<bits_t<T>>(bits + (c[k] == 1) - (c[k] == 2)));
+    }
+  }
+}
+
+#ifdef LORACUDA_X86_DISPATCH
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void row_avx512(Mode mode, T* w, const acc_t<T>* d, int64_t n,
+                                                                      uint8_t* c) {
+  row_generic<T>(mode, w, d, n, c);
+}
+template <typename T>
+__attribute__((target("avx2"))) void row_avx2(Mode mode, T* w, const acc_t<T>* d, int64_t n, uint8_t* c) {
+  row_generic<T>(mode, w, d, n, c);
+}
+#endif
+
+template <typename T>
+inline void row_op(Mode mode, T* w, const acc_t<T>* d, int64_t n, uint8_t* c) {
+#ifdef LORACUDA_X86_DISPATCH
+  switch (detail::isa()) {
+    case detail::Isa::avx512: return row_avx512<T>(mode, w, d, n, c);
+    case detail::Isa::avx2: return row_avx2<T>(mode, w, d, n, c);
+    default: break;
+  }
+#endif
+  row_generic<T>(mode, w, d, n, c);
+}
+
 template <typename T>
 void merge_family(T* w, int64_t rows, int64_t cols, const Tensor& a, const Tensor& b, double scale, Mode mode,
                   uint8_t* codes) {
@@ -90,28 +152,22 @@ void merge_family(T* w, int64_t rows, int64_t cols, const Tensor& a, const Tenso
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<F> delta(static_cast<size_t>(kRows * cols)), spill(static_cast<size_t>(cols));
     std::vector<F> zero_b(static_cast<size_t>(r), F(0));
-    std::vector<uint8_t> c(mode == Mode::codes ? static_cast<size_t>(cols) : 0);
+    std::vector<uint8_t> c(mode == Mode::merge ? 0 : static_cast<size_t>(cols));
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t i0 = blk * kRows;
       const int nb = static_cast<int>(std::min<int64_t>(kRows, rows - i0));
-      delta_rows<F>(ap, cols, bp, r, i0, nb, s, delta.data(), zero_b.data(), spill.data());
+      // Prefetch this block's weight rows: the delta arithmetic hides their DRAM latency.
+      detail::Prefetch pf;
+      pf.elem_bytes = sizeof(T);
+      for (int i = 0; i < kRows; ++i) {
+        pf.rows[i] = reinterpret_cast<const char*>(w + (i0 + std::min(i, nb - 1)) * cols);
+      }
+      delta_rows<F>(ap, cols, bp, r, i0, nb, s, delta.data(), zero_b.data(), spill.data(), pf);
       for (int i = 0; i < nb; ++i) {
         const int64_t e0 = (i0 + i) * cols;
-        T* wr = w + e0;
-        const F* d = delta.data() + i * cols;
-        if (mode == Mode::merge) {
-          for (int64_t k = 0; k < cols; ++k) wr[k] = from_acc<T>(to_acc(wr[k]) + d[k]);
-        } else if (mode == Mode::codes) {
-          for (int64_t k = 0; k < cols; ++k) c[k] = restore_code(wr[k], d[k]);
-          pack_codes(c.data(), e0, cols, codes);
-        } else {
-          for (int64_t k = 0; k < cols; ++k) {
-            const int64_t e = e0 + k;
-            const uint8_t code = (codes[e >> 2] >> (2 * (e & 3))) & 3;
-            const bits_t<T> bits = bits_of(from_acc<T>(to_acc(wr[k]) - d[k]));
-            wr[k] = from_bits<T>(static_cast<bits_t<T>>(bits + (code == 1) - (code == 2)));
-          }
-        }
+        if (mode == Mode::unmerge) unpack_codes(codes, e0, cols, c.data());
+        row_op<T>(mode, w + e0, delta.data() + i * cols, cols, c.data());
+        if (mode == Mode::codes) pack_codes(c.data(), e0, cols, codes);
       }
     }
   });

@@ -38,15 +38,15 @@ Tensor shrink(const Tensor& x, const Tensor& lora_a, double dropout_p, const std
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
       const at::AutoDispatchBelowADInplaceOrView below_autograd;  // TLS: per worker thread
       std::vector<A> buf(static_cast<size_t>(bm * k));
-      std::vector<uint8_t> keep(drop.active ? static_cast<size_t>(k) : 0);
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t m0 = blk * bm, mb = std::min(bm, m - m0);
         for (int64_t i = 0; i < mb; ++i) {
           A* row = buf.data() + i * k;
-          load_row(xp + (m0 + i) * rs, cs, k, row);
           if (drop.active) {
-            dropout_keep_row(drop, static_cast<uint64_t>(m0 + i) * static_cast<uint64_t>(k), k, keep.data());
-            apply_keep(keep.data(), drop.keep_scale, k, row);
+            load_dropped_row(drop, static_cast<uint64_t>(m0 + i) * static_cast<uint64_t>(k), xp + (m0 + i) * rs, cs, k,
+                             row, nullptr);
+          } else {
+            load_row(xp + (m0 + i) * rs, cs, k, row);
           }
         }
         const Tensor xb = at::from_blob(buf.data(), {mb, k}, x.options().dtype(acc));
