@@ -1,9 +1,11 @@
 """Runs the cases of the chosen suites and turns timings into figures.
 
-For each case and provider: median / p20 / p80 time (ms), achieved GB/s and TFLOP/s (the case's
-bytes and FLOPs over the median time) and their share of the measured ceilings, the ratio of the
-provider's time to loracuda's (``x_loracuda``; > 1: the provider is slower) and, for layer cases,
-to the base layer's (``x_base``). A provider that fails records its error and the run goes on.
+The providers of a case are timed round-robin (timer.measure_interleaved), so load from elsewhere
+on a shared machine falls on all of them alike. For each case and provider: median / p20 / p80
+time (ms), achieved GB/s and TFLOP/s (the case's bytes and FLOPs over the median time) and their
+share of the measured ceilings, the ratio of the provider's time to loracuda's (``x_loracuda``;
+> 1: the provider is slower) and, for layer cases, to the base layer's (``x_base``). A provider
+that fails records its error and the run goes on.
 """
 
 import gc
@@ -15,7 +17,7 @@ import torch
 from . import memory
 from .ceilings import CeilingMeter, dtype_name
 from .suites import Case, SuiteContext, suites
-from .timer import TimerConfig, measure
+from .timer import TimerConfig, measure_interleaved
 
 PROVIDER_ORDER = ("loracuda", "base", "peft", "addmm", "reference")
 
@@ -33,8 +35,8 @@ def timer_config(options: RunOptions) -> TimerConfig:
     if options.tiny:
         return TimerConfig(warmup=1, repeats=5, min_repeats=3, budget_s=0.05)
     if options.quick:
-        return TimerConfig(warmup=1, repeats=10, min_repeats=3, budget_s=0.4)
-    return TimerConfig(warmup=3, repeats=50, min_repeats=5, budget_s=2.0)
+        return TimerConfig(warmup=1, repeats=10, min_repeats=3, budget_s=0.5)
+    return TimerConfig(warmup=3, repeats=50, min_repeats=7, budget_s=4.0)
 
 
 def collect_cases(names: list[str], options: RunOptions, with_peft: bool) -> list[Case]:
@@ -88,28 +90,35 @@ def run_case(
     except Exception as error:  # a case that cannot even be set up is reported, not fatal
         record["error"] = _error_text(error)
         return record
-    for name in _ordered(benches):
-        progress(f"{case.case_id} [{name}]")
+    order = _ordered(benches)
+    progress(f"{case.case_id} [{', '.join(order)}]")
+    timings, errors = measure_interleaved(
+        {name: (benches[name].fn, benches[name].setup) for name in order}, options.device, config
+    )
+    for name in order:
         bench = benches[name]
-        entry: dict = {}
-        try:
-            timing = measure(bench.fn, options.device, config, setup=bench.setup)
-            nbytes = bench.bytes if bench.bytes is not None else case.bytes
-            flops = bench.flops if bench.flops is not None else case.flops
-            entry = {
-                "median_ms": timing.median_s * 1e3,
-                "p20_ms": timing.p20_s * 1e3,
-                "p80_ms": timing.p80_s * 1e3,
-                "repeats": timing.repeats,
-                "GBps": nbytes / timing.median_s / 1e9,
-                "TFLOPs": flops / timing.median_s / 1e12,
-                "pct_copy_bw": 100.0 * nbytes / timing.median_s / copy_bw,
-                "pct_gemm": 100.0 * flops / timing.median_s / gemm_rate,
-            }
-            if case.measure_memory and bench.setup is None:
+        if name in errors or name not in timings:
+            error = errors.get(name, RuntimeError("no timing"))
+            record["results"][name] = {"error": _error_text(error)}
+            continue
+        timing = timings[name]
+        nbytes = bench.bytes if bench.bytes is not None else case.bytes
+        flops = bench.flops if bench.flops is not None else case.flops
+        entry = {
+            "median_ms": timing.median_s * 1e3,
+            "p20_ms": timing.p20_s * 1e3,
+            "p80_ms": timing.p80_s * 1e3,
+            "repeats": timing.repeats,
+            "GBps": nbytes / timing.median_s / 1e9,
+            "TFLOPs": flops / timing.median_s / 1e12,
+            "pct_copy_bw": 100.0 * nbytes / timing.median_s / copy_bw,
+            "pct_gemm": 100.0 * flops / timing.median_s / gemm_rate,
+        }
+        if case.measure_memory and bench.setup is None:
+            try:
                 entry["peak_extra_bytes"] = memory.peak_extra_bytes(bench.fn, options.device)
-        except Exception as error:
-            entry = {"error": _error_text(error)}
+            except Exception as error:
+                entry["peak_extra_error"] = _error_text(error)
         record["results"][name] = entry
     del benches
     gc.collect()

@@ -30,8 +30,8 @@ class Timing:
 
 @dataclass(frozen=True)
 class TimerConfig:
-    """warmup: untimed calls first; repeats / min_repeats: the most / fewest timed calls; budget_s:
-    seconds of timed calls to aim for between the two."""
+    """warmup: untimed calls first; repeats / min_repeats: the most / fewest timed calls (rounds, for
+    measure_interleaved); budget_s: seconds of timed calls (of all rounds) to aim for between the two."""
 
     warmup: int = 3
     repeats: int = 25
@@ -132,3 +132,80 @@ def measure(
         p80_s=percentile(samples, 0.8),
         repeats=len(samples),
     )
+
+
+def measure_interleaved(
+    calls: dict,
+    device: torch.device,
+    config: TimerConfig,
+) -> tuple[dict, dict]:
+    """Times several callables round-robin: every round calls each once (in a rotated order), so a
+    burst of load from elsewhere on the machine slows all of them alike and their ratios hold.
+
+    calls: name -> (fn, setup or None), as for :func:`measure`. Returns ({name: Timing},
+    {name: exception}) for the calls that ran and those that raised (during warm-up or a round).
+    The number of rounds is ``budget_s`` over the estimated time of one round, clamped to
+    [min_repeats, repeats].
+    """
+    errors: dict = {}
+    live: dict = {}
+    estimate = 0.0
+    for name, (fn, setup) in calls.items():
+        try:
+            synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(max(1, config.warmup)):
+                fn() if setup is None else fn(setup())
+            synchronize(device)
+            estimate += (time.perf_counter() - t0) / max(1, config.warmup)
+            live[name] = (fn, setup)
+        except Exception as error:  # reported per provider by the caller
+            errors[name] = error
+    if not live:
+        return {}, errors
+    rounds = int(config.budget_s / estimate) if estimate > 0 else config.repeats
+    rounds = max(config.min_repeats, min(config.repeats, rounds))
+
+    names = list(live)
+    samples: dict = {name: [] for name in names}
+    flush = _CacheFlusher(device) if device.type == "cuda" else None
+    pending: dict = {name: [] for name in names}  # CUDA: event pairs read after one final sync
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            if name in errors:
+                continue
+            fn, setup = live[name]
+            try:
+                arg = setup() if setup is not None else None
+                if flush is not None:
+                    flush()
+                    start = torch.cuda.Event(enable_timing=True)
+                    end = torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    fn() if setup is None else fn(arg)
+                    end.record()
+                    pending[name].append((start, end))
+                else:
+                    t0 = time.perf_counter()
+                    fn() if setup is None else fn(arg)
+                    synchronize(device)
+                    samples[name].append(time.perf_counter() - t0)
+            except Exception as error:
+                errors[name] = error
+    if flush is not None:
+        torch.cuda.synchronize(device)
+        for name, pairs in pending.items():
+            samples[name] = [start.elapsed_time(end) / 1e3 for start, end in pairs]  # ms -> s
+    timings = {}
+    for name in names:
+        if name in errors or not samples[name]:
+            continue
+        values = samples[name]
+        timings[name] = Timing(
+            median_s=statistics.median(values),
+            p20_s=percentile(values, 0.2),
+            p80_s=percentile(values, 0.8),
+            repeats=len(values),
+        )
+    return timings, errors
