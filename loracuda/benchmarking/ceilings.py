@@ -5,6 +5,9 @@ machine: "62% of copy bandwidth" means the same whether the copy runs at 4 TB/s 
 
 copy bandwidth  bytes read + bytes written per second by ``dst.copy_(src)`` of a buffer well above
                 the last-level cache (CUDA: 1 GiB, CPU: 128 MiB; tiny: 4 MiB)
+                On a CPU the copy's stores also read each destination line first (write-allocate),
+                so an in-place read-modify-write kernel (merge_, expand_add_) can exceed 100% of
+                it; on a GPU it is the practical DRAM ceiling.
 GEMM rate       2 * n^3 FLOP per second of an n x n by n x n matmul in the given dtype
                 (CUDA: n = 8192, CPU: n = 2048; tiny: n = 256)
 """
