@@ -1,0 +1,16 @@
+"""Benchmark of expand_add_ (y += s h B^T in place), full-size shapes, every provider side by side.
+
+    python bench/expand.py [--device cuda] [--dtype bfloat16] [--json out.json] [--compare base.json] ...
+
+Runs the 'ops/expand_add_ ' cases of `loracuda bench --suite ops`; any option of that command may follow.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+from loracuda.cli.main import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["bench", "--suite", "ops", "--case", "ops/expand_add_ ", *sys.argv[1:]]))
