@@ -111,6 +111,10 @@ class TinyLlama(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
+    def get_output_embeddings(self) -> nn.Module:
+        """The output head (as transformers models name it): LoRA's "all-linear" leaves it out."""
+        return self.lm_head
+
     def forward(self, ids: Tensor) -> Tensor:
         seq = ids.shape[1]
         x = self.embed_tokens(ids)

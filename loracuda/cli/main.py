@@ -11,8 +11,7 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-# Further subcommands (e.g. ("demo", "loracuda.cli.demo")) are added here.
-_SUBCOMMANDS: tuple[tuple[str, str], ...] = (("bench", "loracuda.cli.bench"),)
+_SUBCOMMANDS: tuple[tuple[str, str], ...] = (("demo", "loracuda.cli.demo"), ("bench", "loracuda.cli.bench"))
 
 
 class UsageError(Exception):
