@@ -114,20 +114,26 @@ inline void unpack_codes(const uint8_t* codes, int64_t e0, int64_t n, uint8_t* c
   for (; k < n; ++k) c[k] = (codes[(e0 + k) >> 2] >> (2 * ((e0 + k) & 3))) & 3;
 }
 
-// Escapes (code-3 elements) among c[0 .. n), each code one byte of 0..3. Eight codes at a time:
-// a byte is 3 iff its bits 0 and 1 are both set, so x & (x >> 1) & 0x01.. is non-zero iff one of the
-// eight is (bit 0 of the next byte shifted into bit 7 is masked away).
+// Escapes (code-3 elements) among c[0 .. n), each code one byte of 0..3, tested by words: a byte is
+// 3 iff its bits 0 and 1 are both set, so x & (x >> 1) & 0x01.. is non-zero iff one of a word's eight
+// bytes is (bit 0 of the next byte, shifted into bit 7, is masked away).
 constexpr uint64_t kLowBits = UINT64_C(0x0101010101010101);
+
+// True when one of the 32 codes c[0 .. 32) is 3 (four words tested at once, so rows without escapes,
+// the usual case, cost a few instructions per 32 elements).
+inline bool any_escape32(const uint8_t* c) {
+  uint64_t x[4];
+  std::memcpy(x, c, 32);
+  return (((x[0] & (x[0] >> 1)) | (x[1] & (x[1] >> 1)) | (x[2] & (x[2] >> 1)) | (x[3] & (x[3] >> 1))) & kLowBits) != 0;
+}
 
 // Appends w[k] for every k with c[k] == 3, in increasing k.
 template <typename T>
 inline void collect_escapes(const uint8_t* c, const T* w, int64_t n, std::vector<T>& out) {
   int64_t k = 0;
-  for (; k + 8 <= n; k += 8) {
-    uint64_t x;
-    std::memcpy(&x, c + k, 8);
-    if ((x & (x >> 1) & kLowBits) == 0) continue;
-    for (int t = 0; t < 8; ++t) {
+  for (; k + 32 <= n; k += 32) {
+    if (!any_escape32(c + k)) continue;
+    for (int t = 0; t < 32; ++t) {
       if (c[k + t] == 3) out.push_back(w[k + t]);
     }
   }
@@ -141,11 +147,9 @@ inline void collect_escapes(const uint8_t* c, const T* w, int64_t n, std::vector
 template <typename T>
 inline int64_t patch_escapes(const uint8_t* c, T* w, int64_t n, const T* values, int64_t next) {
   int64_t k = 0;
-  for (; k + 8 <= n; k += 8) {
-    uint64_t x;
-    std::memcpy(&x, c + k, 8);
-    if ((x & (x >> 1) & kLowBits) == 0) continue;
-    for (int t = 0; t < 8; ++t) {
+  for (; k + 32 <= n; k += 32) {
+    if (!any_escape32(c + k)) continue;
+    for (int t = 0; t < 32; ++t) {
       if (c[k + t] == 3) w[k + t] = values[next++];
     }
   }
@@ -171,6 +175,17 @@ inline int64_t count_escapes(const uint8_t* codes, int64_t e0, int64_t n) {
   auto code_at = [&](int64_t e) { return (codes[e >> 2] >> (2 * (e & 3))) & 3; };
   int64_t count = 0, k = 0;
   for (; k < n && ((e0 + k) & 3) != 0; ++k) count += code_at(e0 + k) == 3;
+  // Whole 8-byte words (32 elements): bit 2q of h is set iff element q has code 3; counted by the
+  // usual SWAR popcount (h has only even bits, so the first step of the pairwise sum is a no-op).
+  for (; k + 32 <= n; k += 32) {
+    uint64_t x;
+    std::memcpy(&x, codes + ((e0 + k) >> 2), 8);
+    uint64_t h = x & (x >> 1) & UINT64_C(0x5555555555555555);
+    if (h == 0) continue;
+    h = (h & UINT64_C(0x3333333333333333)) + ((h >> 2) & UINT64_C(0x3333333333333333));
+    h = (h + (h >> 4)) & UINT64_C(0x0F0F0F0F0F0F0F0F);
+    count += static_cast<int64_t>((h * kLowBits) >> 56);
+  }
   for (; k + 4 <= n; k += 4) count += kEscapesInByte[codes[(e0 + k) >> 2]];
   for (; k < n; ++k) count += code_at(e0 + k) == 3;
   return count;
