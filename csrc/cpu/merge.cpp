@@ -160,8 +160,8 @@ inline int64_t patch_escapes(const uint8_t* c, T* w, int64_t n, const T* values,
 }
 
 // Number of code-3 elements among elements e0 .. e0+n of packed codes: the partial bytes at either
-// end code by code, the whole bytes in between by a table of the number of 3s among a byte's codes.
-// (A table, not __builtin_popcount: without -mpopcnt that is a library call per byte.)
+// end code by code, whole 8-byte words by a SWAR popcount, the remaining whole bytes by a table of the
+// number of 3s among a byte's codes (not __builtin_popcount: without -mpopcnt it is a library call).
 constexpr std::array<uint8_t, 256> make_escape_count_table() {
   std::array<uint8_t, 256> t{};
   for (int b = 0; b < 256; ++b) {
