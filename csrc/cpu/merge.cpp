@@ -119,50 +119,39 @@ inline void unpack_codes(const uint8_t* codes, int64_t e0, int64_t n, uint8_t* c
 // bytes is (bit 0 of the next byte, shifted into bit 7, is masked away).
 constexpr uint64_t kLowBits = UINT64_C(0x0101010101010101);
 
-// True when one of the 32 codes c[0 .. 32) is 3 (four words tested at once, so rows without escapes,
-// the usual case, cost a few instructions per 32 elements).
-inline bool any_escape32(const uint8_t* c) {
-  uint64_t x[4];
-  std::memcpy(x, c, 32);
-  return (((x[0] & (x[0] >> 1)) | (x[1] & (x[1] >> 1)) | (x[2] & (x[2] >> 1)) | (x[3] & (x[3] >> 1))) & kLowBits) != 0;
+// Bit t set iff c[t] == 3, for the 32 codes c[0 .. 32): per word, y = x & (x >> 1) & 0x01.. keeps bit 0
+// of each escape's byte, and the multiply gathers those eight bits into the top byte, in order.
+inline uint32_t escape_mask32(const uint8_t* c) {
+  uint32_t mask = 0;
+  for (int q = 0; q < 4; ++q) {
+    uint64_t x;
+    std::memcpy(&x, c + 8 * q, 8);
+    const uint64_t y = x & (x >> 1) & kLowBits;
+    mask |= static_cast<uint32_t>((y * UINT64_C(0x0102040810204080)) >> 56) << (8 * q);
+  }
+  return mask;
 }
 
-// Appends w[k] for every k with c[k] == 3, in increasing k. Inside a 32-code group that has escapes
-// the loop is branch-free (every value is stored to `scratch`, n slots; the cursor advances only for
-// an escape), so dense escapes cost no mispredictions.
+// Appends w[k] for every k with c[k] == 3, in increasing k: 32 codes per mask, then one step per
+// escape (rows without escapes, the usual case, cost a few instructions per 32 elements).
 template <typename T>
-inline void collect_escapes(const uint8_t* c, const T* w, int64_t n, T* scratch, std::vector<T>& out) {
-  int64_t count = 0, k = 0;
+inline void collect_escapes(const uint8_t* c, const T* w, int64_t n, std::vector<T>& out) {
+  int64_t k = 0;
   for (; k + 32 <= n; k += 32) {
-    if (!any_escape32(c + k)) continue;
-    for (int t = 0; t < 32; ++t) {
-      scratch[count] = w[k + t];
-      count += c[k + t] == 3;
-    }
+    for (uint32_t m = escape_mask32(c + k); m != 0; m &= m - 1) out.push_back(w[k + __builtin_ctz(m)]);
   }
   for (; k < n; ++k) {
-    scratch[count] = w[k];
-    count += c[k] == 3;
+    if (c[k] == 3) out.push_back(w[k]);
   }
-  out.insert(out.end(), scratch, scratch + count);
 }
 
 // Writes values[next], values[next + 1], ... into w[k] for every k with c[k] == 3, in increasing k;
-// returns the index after the last one used. Branch-free inside a group with escapes, as above: every
-// element is rewritten, with values[min(next, total - 1)] or itself (a group with escapes exists only
-// when total >= 1, so the read stays inside values).
+// returns the index after the last one used. Visits the escapes as collect_escapes does.
 template <typename T>
-inline int64_t patch_escapes(const uint8_t* c, T* w, int64_t n, const T* values, int64_t total, int64_t next) {
-  using B = bits_t<T>;
+inline int64_t patch_escapes(const uint8_t* c, T* w, int64_t n, const T* values, int64_t next) {
   int64_t k = 0;
   for (; k + 32 <= n; k += 32) {
-    if (!any_escape32(c + k)) continue;
-    for (int t = 0; t < 32; ++t) {
-      const B keep = static_cast<B>(c[k + t] == 3) - 1;  // all ones unless an escape
-      const B v = bits_of(values[std::min(next, total - 1)]);
-      w[k + t] = from_bits<T>(static_cast<B>((bits_of(w[k + t]) & keep) | (v & ~keep)));
-      next += c[k + t] == 3;
-    }
+    for (uint32_t m = escape_mask32(c + k); m != 0; m &= m - 1) w[k + __builtin_ctz(m)] = values[next++];
   }
   for (; k < n; ++k) {
     if (c[k] == 3) w[k] = values[next++];
@@ -255,13 +244,12 @@ inline void row_op(Mode mode, T* w, const acc_t<T>* d, int64_t n, uint8_t* c, T*
 // Escape handling of one call, per block of kRows rows (block blk: rows blk * kRows ..):
 //   collect (merge_exact_): collect[blk] receives the block's original code-3 values, in flat order;
 //   patch (unmerge_exact_ with values): block blk writes patch[patch_offset[blk]], ... into its
-//   code-3 elements, in flat order (patch_total values in all).
+//   code-3 elements, in flat order.
 template <typename T>
 struct Escapes {
   std::vector<std::vector<T>>* collect = nullptr;
   const T* patch = nullptr;
   const int64_t* patch_offset = nullptr;
-  int64_t patch_total = 0;  // the number of values at patch
 };
 
 template <typename T>
@@ -278,7 +266,7 @@ void merge_family(T* w, int64_t rows, int64_t cols, const Tensor& a, const Tenso
     std::vector<F> delta(static_cast<size_t>(kRows * cols)), spill(static_cast<size_t>(cols));
     std::vector<F> zero_b(static_cast<size_t>(r), F(0));
     std::vector<uint8_t> c(mode == Mode::merge ? 0 : static_cast<size_t>(cols));
-    std::vector<T> saved(mode == Mode::exact ? static_cast<size_t>(cols) : 0), scratch(saved.size());
+    std::vector<T> saved(mode == Mode::exact ? static_cast<size_t>(cols) : 0);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t i0 = blk * kRows;
       const int nb = static_cast<int>(std::min<int64_t>(kRows, rows - i0));
@@ -296,9 +284,9 @@ void merge_family(T* w, int64_t rows, int64_t cols, const Tensor& a, const Tenso
         if (mode == Mode::unmerge) unpack_codes(codes, e0, cols, c.data());
         row_op<T>(mode, w + e0, d, cols, c.data(), saved.data());
         // The escapes from the row's saved originals (in L1): one read and one write of the weight.
-        if (mode == Mode::exact) collect_escapes<T>(c.data(), saved.data(), cols, scratch.data(), (*esc.collect)[blk]);
+        if (mode == Mode::exact) collect_escapes<T>(c.data(), saved.data(), cols, (*esc.collect)[blk]);
         if (mode == Mode::codes || mode == Mode::exact) pack_codes(c.data(), e0, cols, codes);
-        if (esc.patch != nullptr) next = patch_escapes<T>(c.data(), w + e0, cols, esc.patch, esc.patch_total, next);
+        if (esc.patch != nullptr) next = patch_escapes<T>(c.data(), w + e0, cols, esc.patch, next);
       }
     }
   });
@@ -374,7 +362,6 @@ void unmerge_with_escapes(Tensor& weight, const Tensor& lora_a, const Tensor& lo
   Escapes<T> e;
   e.patch = values.const_data_ptr<T>();
   e.patch_offset = offsets.data();
-  e.patch_total = offsets.back();
   run_typed<T>(weight, lora_a, lora_b, scale, transposed, Mode::unmerge, const_cast<uint8_t*>(codes), e);
 }
 
