@@ -178,6 +178,33 @@ inline void check_restore_codes(const at::Tensor& weight, const at::Tensor& code
                      " bytes (2 bits per element of 'weight'), got shape ", codes.sizes());
 }
 
+// unmerge_exact_'s escape_values: the saved original values of the code-3 elements, 1-D, in the
+// weight's dtype and on its device. Its length is checked against the codes by check_escape_count.
+inline void check_escape_values(const at::Tensor& weight, const at::Tensor& values, const char* op) {
+  LORACUDA_CHECK_ARG_TYPE(values.scalar_type() == weight.scalar_type(), op, "escape_values",
+                          "must have the dtype of 'weight' (", weight.scalar_type(), "), got ", values.scalar_type());
+  check_same_device(values, weight, op, "escape_values", "weight");
+  LORACUDA_CHECK_ARG(values.dim() == 1, op, "escape_values", "must be 1-D, got shape ", values.sizes());
+}
+
+inline void check_escape_count(const at::Tensor& values, int64_t escapes, const char* op) {
+  LORACUDA_CHECK_ARG(values.size(0) == escapes, op, "escape_values", "must hold one value per code-3 element of 'codes' (",
+                     escapes, "), got ", values.size(0));
+}
+
+// merge_exact_'s record: code bytes + escapes * element bytes; a negative limit means none.
+inline bool record_fits(int64_t code_bytes, int64_t escapes, int64_t element_bytes, int64_t max_record_bytes) {
+  return max_record_bytes < 0 || code_bytes + escapes * element_bytes <= max_record_bytes;
+}
+
+inline void check_record_bytes(int64_t code_bytes, int64_t escapes, int64_t element_bytes, int64_t max_record_bytes,
+                               const char* op) {
+  LORACUDA_CHECK_ARG(record_fits(code_bytes, escapes, element_bytes, max_record_bytes), op, "max_record_bytes",
+                     "is ", max_record_bytes, " bytes but the restore record needs ",
+                     code_bytes + escapes * element_bytes, " (", code_bytes, " bytes of codes + ", escapes,
+                     " code-3 elements * ", element_bytes, " bytes); the weight is unchanged");
+}
+
 // backward: grad_y [M, N], x [M, K], h [M, R], lora_a [R, K], lora_b [N, r], grad_x [M, K] or None.
 // Returns the slice offsets.
 inline std::vector<int64_t> check_backward_args(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& h,

@@ -23,10 +23,20 @@ TORCH_LIBRARY(loracuda, m) {
   // 0 round(round(w + d) - d) == w, 1 w is one bit pattern above it, 2 one below, 3 anything else.
   m.def("restore_codes(Tensor weight, Tensor lora_a, Tensor lora_b, float scale, bool transposed) -> Tensor");
   // Inverse of merge_(weight, lora_a, lora_b, scale): weight = round(weight - d), then each element's
-  // code applied; elements with code 3 are left for the caller to patch from its saved values.
+  // code applied. Elements with code 3 get escape_values (their saved originals, 1-D in the weight's
+  // dtype, in flat-index order; its length and dtype are checked before anything is written) when
+  // given, else are left for the caller to patch.
   m.def(
       "unmerge_exact_(Tensor(a!) weight, Tensor lora_a, Tensor lora_b, float scale, bool transposed, "
-      "Tensor codes) -> ()");
+      "Tensor codes, Tensor? escape_values=None) -> ()");
+  // merge_ and restore_codes in one pass over the weight: returns (codes as restore_codes gives them
+  // for the original weight, escape_values = the original values of the code-3 elements in flat-index
+  // order, 1-D in the weight's dtype). If codes bytes + escapes * element bytes > max_record_bytes
+  // (negative: no limit) it raises ValueError naming 'max_record_bytes' and leaves the weight bit for
+  // bit as it was. The CUDA kernel synchronises with the host once (the number of escapes).
+  m.def(
+      "merge_exact_(Tensor(a!) weight, Tensor lora_a, Tensor lora_b, float scale, bool transposed, "
+      "int max_record_bytes) -> (Tensor, Tensor)");
   // g = scale * grad_y @ lora_b (slice-wise) and grad_b = scale * grad_y^T @ h from one pass over grad_y;
   // grad_a = g^T @ (mask * x / q) and grad_x += mask * (g @ lora_a) / q from one pass over x.
   // Returns (grad_a in lora_a's dtype, grad_b in lora_b's dtype).

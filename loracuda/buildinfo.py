@@ -5,7 +5,7 @@ import torch
 from ._extension import _C
 from .version import __version__
 
-_OPS = ("shrink", "expand_add_", "merge_", "restore_codes", "unmerge_exact_", "backward", "lora_linear")
+_OPS = ("shrink", "expand_add_", "merge_", "restore_codes", "unmerge_exact_", "merge_exact_", "backward", "lora_linear")
 
 
 def op_names() -> tuple[str, ...]:

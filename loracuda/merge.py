@@ -1,17 +1,21 @@
 """Merge adapters into their base weights in place, and unmerge them bit-exactly (DESIGN.md §3).
 
-Exact merge of W += s * B A (one rounding, deterministic: ops.merge_) keeps a restore record instead of a
-copy of W: ops.restore_codes gives 2 bits per element saying how ops.unmerge_exact_ recovers it from the
-merged value (code 3: it cannot), and the values of the code-3 elements are saved beforehand with their
-flat indices. Record bytes = ceil(numel / 4) + (index bytes + element bytes) per code-3 element; merge
-refuses, before writing anything, when that exceeds a quarter of the weight's bytes.
+Exact merge of W += s * B A (one rounding, deterministic) keeps a restore record instead of a copy of W:
+ops.merge_exact_ merges and returns, from the same single pass over W, 2 bits per element saying how
+ops.unmerge_exact_ recovers it from the merged value (code 3, an "escape": it cannot) and the original
+values of the escapes in flat-index order; unmerge_exact_ writes those back itself, their positions
+coming from the codes. Record bytes = ceil(numel / 4) + element bytes per escape; the op refuses, leaving
+the weight as it was, when that exceeds a quarter of the weight's bytes (so bf16 admits up to 12.5%
+escapes).
 
-Every check (the records' sizes, safe mode's finite checks, the adapters' dtypes) runs on every layer
-before the first weight is written, so an error leaves the whole model unchanged.
+Every check that needs no merge (contiguity, safe mode's finite checks, the adapters' dtypes) runs on
+every layer before the first weight is written. The record's size is known only once its layer is
+merged; when a later layer's record is over budget, the layers already merged by this call are
+unmerged with their records, bit for bit, before the error is raised, so an error leaves the whole
+model unchanged.
 
 Several adapters merged into a layer by one call are merged as one sum (their factors stacked along
-the rank, each B times its scale, scale 1), so that one record, made before anything is written,
-covers them; they come off together.
+the rank, each B times its scale, scale 1), so that one record covers them; they come off together.
 
 The record is valid only while the adapter factors and the merged weight are unchanged: their tensor
 version counters are kept and unmerge refuses to run exactly if any has moved.
@@ -34,22 +38,21 @@ _SAFE_BLOCK_ELEMS = 1 << 20
 @dataclasses.dataclass
 class MergeRecord:
     """How to undo one merge of ``adapters`` (merged together) into a layer: the scale used, exactness,
-    restore codes (uint8 [ceil(numel/4)]), flat indices (int32 or int64) and saved values (the weight's
-    dtype) of the elements with code 3, and the version counters of the weight and of each adapter's
+    restore codes (uint8 [ceil(numel/4)]) and the original values (the weight's dtype, flat-index order)
+    of the elements with code 3, and the version counters of the weight and of each adapter's
     (lora_A, lora_B) right after the merge."""
 
     adapters: tuple[str, ...]
     scale: float
     exact: bool
     codes: Optional[Tensor] = None
-    escape_index: Optional[Tensor] = None
     escape_values: Optional[Tensor] = None
     weight_version: int = 0
     factor_versions: tuple = ()
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.escape_index, self.escape_values) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.escape_values) if t is not None)
 
 
 @dataclasses.dataclass
@@ -88,22 +91,6 @@ def _factors(layer: LoRALinear, names: Sequence[str]) -> tuple[Tensor, Tensor, f
 
 def _versions(layer: LoRALinear, names: Sequence[str]) -> tuple:
     return tuple((layer.lora_A[n]._version, layer.lora_B[n]._version) for n in names)
-
-
-def _escape_positions(codes: Tensor, numel: int) -> Tensor:
-    """Flat indices (ascending, int64) of the elements whose 2-bit code is 3. hit = c & (c >> 1) & 0x55
-    has bit 2i set iff element i of the byte has code 3; only the bytes with hit != 0 are expanded, so
-    the temporaries are one of the codes' size and a few per hit byte, never one per element."""
-    hit = codes >> 1  # one temporary of the codes' size, then in place
-    hit &= codes
-    hit &= 0x55
-    byte_index = hit.nonzero().squeeze(1)
-    if byte_index.numel() == 0:
-        return byte_index
-    shifts = torch.arange(0, 8, 2, device=codes.device, dtype=torch.uint8)
-    is_escape = ((hit[byte_index].unsqueeze(1) >> shifts) & 1).bool()  # [hit bytes, 4]
-    pos = (byte_index.unsqueeze(1) * 4 + torch.arange(4, device=codes.device))[is_escape]
-    return pos[pos < numel]
 
 
 def _check_finite(path: str, names: Sequence[str], layer: LoRALinear) -> None:
@@ -152,23 +139,34 @@ def _plan(model: nn.Module, adapter: Union[None, str, Iterable[str]]) -> list[tu
     return plan
 
 
-def _record(path: str, layer: LoRALinear, names: Sequence[str]) -> MergeRecord:
+def _merge_layer(path: str, layer: LoRALinear, names: Sequence[str], exact: bool) -> MergeRecord:
+    """Merges ``names`` into the layer's weight; for exact, in one pass that also makes the record, with
+    a budget of a quarter of the weight's bytes (over it the op leaves the weight as it was and raises)."""
     w = layer.weight
     a, b, scale = _factors(layer, names)
-    codes = ops.restore_codes(w, a, b, scale, layer.fan_in_fan_out)
-    pos = _escape_positions(codes, w.numel())
-    index_dtype = torch.int32 if w.numel() <= 2**31 - 1 else torch.int64
-    index_bytes = 4 if index_dtype == torch.int32 else 8
-    size = codes.numel() + pos.numel() * (index_bytes + w.element_size())
+    if not exact:
+        ops.merge_(w, a, b, scale, layer.fan_in_fan_out)
+        return MergeRecord(tuple(names), scale, False)
     budget = w.numel() * w.element_size() // 4
-    if size > budget:
+    try:
+        codes, values = ops.merge_exact_(w, a, b, scale, layer.fan_in_fan_out, max_record_bytes=budget)
+    except ValueError as e:
+        if "max_record_bytes" not in str(e):
+            raise
         raise ValueError(
-            f"loracuda.merge: the exact restore record of layer {path!r} would take {size} bytes, more than a "
-            f"quarter of its weight ({budget} bytes; {pos.numel()} of {w.numel()} elements cannot be restored "
-            "from codes); nothing was merged. Use merge(..., exact=False) for an inexact merge."
-        )
-    values = w.detach().view(-1)[pos].clone()
-    return MergeRecord(tuple(names), scale, True, codes, pos.to(index_dtype), values)
+            f"loracuda.merge: the exact restore record of layer {path!r} would take more than a quarter of its "
+            f"weight ({budget} bytes; {e}); nothing was merged. Use merge(..., exact=False) for an inexact merge."
+        ) from e
+    return MergeRecord(tuple(names), scale, True, codes, values)
+
+
+def _unmerge_layer(layer: LoRALinear, rec: MergeRecord) -> None:
+    w = layer.weight
+    a, b, scale = _factors(layer, rec.adapters)
+    if rec.exact:
+        ops.unmerge_exact_(w, a, b, scale, rec.codes, layer.fan_in_fan_out, escape_values=rec.escape_values)
+    else:
+        ops.merge_(w, a, b, -scale, layer.fan_in_fan_out)
 
 
 @torch.no_grad()
@@ -177,29 +175,34 @@ def merge(
 ) -> MergeReport:
     """Merges ``adapter`` (a name or names; None: each layer's active adapters) into the base weights in
     place; several adapters of a layer are merged as their sum. exact=True keeps a restore record (at
-    most a quarter of the weight's bytes; raises, naming the layer, before writing anything if a record
-    would be larger) so that unmerge restores the weights bit for bit; exact=False keeps nothing and
-    unmerge subtracts (not bit-exact in low precision). safe=True first checks the adapters and the
-    would-be merged weights for inf/NaN. Every check covers every layer before the first write.
-    Returns a MergeReport."""
+    most a quarter of the weight's bytes; if a layer's record would be larger, raises naming the layer,
+    with every layer as it was) so that unmerge restores the weights bit for bit; exact=False keeps
+    nothing and unmerge subtracts (not bit-exact in low precision). safe=True first checks the adapters
+    and the would-be merged weights for inf/NaN. Returns a MergeReport."""
     plan = _plan(model, adapter)
+    # Every check that needs no merge, on every layer, before the first write.
     for path, layer, _ in plan:
         if not layer.weight.is_contiguous():
             raise ValueError(f"loracuda.merge: the weight of layer {path!r} is not contiguous; it cannot be merged in place")
     if safe:
         for path, layer, names in plan:
             _check_finite(path, names, layer)
-    # Phase 1, read-only: every record (and so every size check) before the first write.
-    if exact:
-        records = [_record(path, layer, names) for path, layer, names in plan]
-    else:
-        records = [MergeRecord(tuple(names), _factors(layer, names)[2], False) for _, layer, names in plan]
-    # Phase 2: write.
+    # Merge layer by layer; a record over budget (known only from the merge itself) rolls back the
+    # layers merged so far, exactly, with their records (the failing layer's op left it unchanged).
+    done: list[tuple[LoRALinear, MergeRecord]] = []
+    try:
+        for path, layer, names in plan:
+            done.append((layer, _merge_layer(path, layer, names, exact)))
+    except BaseException:
+        for layer, rec in reversed(done):
+            _unmerge_layer(layer, rec)
+            previous = _records(layer)
+            if previous:  # the weight is bit for bit what the earlier merge left: its record applies again
+                previous[-1].weight_version = layer.weight._version
+        raise
     report = MergeReport({}, {}, 0, 0, exact)
-    for (path, layer, names), rec in zip(plan, records):
+    for (path, layer, names), (_, rec) in zip(plan, done):
         w = layer.weight
-        a, b, scale = _factors(layer, names)
-        ops.merge_(w, a, b, scale, layer.fan_in_fan_out)
         rec.weight_version = w._version
         rec.factor_versions = _versions(layer, names)
         for n in names:
@@ -265,13 +268,7 @@ def unmerge(model: nn.Module, adapter: Union[None, str, Iterable[str]] = None) -
     for path, layer, todo in plan:
         w = layer.weight
         for rec in todo:
-            a, b, scale = _factors(layer, rec.adapters)
-            if rec.exact:
-                ops.unmerge_exact_(w, a, b, scale, rec.codes, layer.fan_in_fan_out)
-                if rec.escape_index.numel():
-                    w.view(-1)[rec.escape_index.long()] = rec.escape_values
-            else:
-                ops.merge_(w, a, b, -scale, layer.fan_in_fan_out)
+            _unmerge_layer(layer, rec)
             for n in rec.adapters:
                 del layer.merged[n]
             remaining = _records(layer)

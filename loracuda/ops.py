@@ -65,11 +65,31 @@ def restore_codes(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, 
 
 
 def unmerge_exact_(
-    weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, codes: Tensor, transposed: bool = False
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    codes: Tensor,
+    transposed: bool = False,
+    escape_values: Optional[Tensor] = None,
 ) -> None:
     """In place, the inverse of ``merge_`` with the same ``scale``: weight = round(weight - delta), then
-    each element's restore code applied. Elements with code 3 are left for the caller to patch."""
-    _ops.unmerge_exact_(weight, lora_a, lora_b, float(scale), bool(transposed), codes)
+    each element's restore code applied. Elements with code 3 get ``escape_values`` (1-D, the weight's
+    dtype, one value per code-3 element in flat-index order, as :func:`merge_exact_` returns them) when
+    given; otherwise they are left for the caller to patch."""
+    _ops.unmerge_exact_(weight, lora_a, lora_b, float(scale), bool(transposed), codes, escape_values)
+
+
+def merge_exact_(
+    weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, transposed: bool = False, max_record_bytes: int = -1
+) -> tuple[Tensor, Tensor]:
+    """``merge_`` that also returns its restore record, in one pass over ``weight``: (codes, escape_values),
+    the codes ``restore_codes`` gives for the weight before the merge and the original values of its
+    code-3 elements (flat-index order, the weight's dtype). ``unmerge_exact_(..., codes, escape_values=
+    escape_values)`` undoes it bit for bit. If the record (codes bytes + escapes * element bytes) exceeds
+    ``max_record_bytes`` (negative: no limit), raises ValueError and leaves ``weight`` unchanged. On CUDA
+    it synchronises with the host once."""
+    return _ops.merge_exact_(weight, lora_a, lora_b, float(scale), bool(transposed), int(max_record_bytes))
 
 
 def backward(
@@ -130,9 +150,19 @@ def _restore_codes_fake(weight, lora_a, lora_b, scale, transposed):
 
 
 @torch.library.register_fake("loracuda::unmerge_exact_")
-def _unmerge_exact_fake(weight, lora_a, lora_b, scale, transposed, codes):
-    _check_same_device("unmerge_exact_", "weight", weight, lora_a=lora_a, lora_b=lora_b, codes=codes)
+def _unmerge_exact_fake(weight, lora_a, lora_b, scale, transposed, codes, escape_values=None):
+    _check_same_device(
+        "unmerge_exact_", "weight", weight, lora_a=lora_a, lora_b=lora_b, codes=codes, escape_values=escape_values
+    )
     return None
+
+
+@torch.library.register_fake("loracuda::merge_exact_")
+def _merge_exact_fake(weight, lora_a, lora_b, scale, transposed, max_record_bytes):
+    _check_same_device("merge_exact_", "weight", weight, lora_a=lora_a, lora_b=lora_b)
+    codes = weight.new_empty(((weight.numel() + 3) // 4,), dtype=torch.uint8)
+    escapes = torch.library.get_ctx().new_dynamic_size()  # the number of code-3 elements: data-dependent
+    return codes, weight.new_empty((escapes,))
 
 
 @torch.library.register_fake("loracuda::backward")

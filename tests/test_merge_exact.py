@@ -185,3 +185,142 @@ def test_round_trip_across_cpu_thread_counts(dtype, adapter_dtype):
     patch = torch.nonzero(unpack_codes(codes, weight.numel()) == 3).reshape(-1)
     weight.view(-1)[patch] = original.view(-1)[patch]
     assert torch.equal(bit_pattern(weight), bit_pattern(original))
+
+
+# ---- merge_exact_: merge_ and its restore record in one pass ----------------------------------------
+
+EXACT_OPS = ("merge_exact_", "merge_", "restore_codes", "unmerge_exact_")
+
+# A tail (numel % 4 != 0) in both layouts with many escapes, for each value dtype.
+TAIL_CASES = [
+    Case(0, 7, 11, 3, dtype, dtype, (), 0.0, "contiguous", "random", 25.0, transposed)
+    for dtype in (F32, BF16, F16)
+    for transposed in (False, True)
+]
+EXACT_CASES = ROUND_TRIP_CASES + TAIL_CASES
+
+
+def code3_positions(codes: torch.Tensor, numel: int, device) -> torch.Tensor:
+    return torch.nonzero(unpack_codes(codes, numel) == 3).reshape(-1).to(device)
+
+
+@pytest.mark.parametrize("device_name, case", device_cases(EXACT_CASES))
+def test_merge_exact_is_merge_and_restore_codes(device_name, case):
+    """Weight bitwise as merge_ leaves it, codes as restore_codes gives them, escape_values the original
+    values of the code-3 elements in flat order; then unmerge_exact_ with them restores every bit."""
+    device = use_device(device_name, *EXACT_OPS)
+    s = merge_sample(case, device)
+    weight, lora_a, lora_b, scale, transposed = s.args
+    original = weight.clone()
+    expected_codes = ops.restore_codes(weight, lora_a, lora_b, scale, transposed)
+    expected_weight = weight.clone()
+    ops.merge_(expected_weight, lora_a, lora_b, scale, transposed)
+    factors = snapshot({"lora_a": lora_a, "lora_b": lora_b})
+
+    with poisoned_allocations():
+        codes, escape_values = ops.merge_exact_(weight, lora_a, lora_b, scale, transposed)
+    assert torch.equal(bit_pattern(weight), bit_pattern(expected_weight)), f"[{case}] weight differs from merge_"
+    assert codes.dtype == torch.uint8 and codes.device == device
+    assert torch.equal(codes, expected_codes), f"[{case}] codes differ from restore_codes"
+    pos = code3_positions(codes, weight.numel(), device)
+    if case in LARGE_DELTA_CASES + TAIL_CASES and case.dtype != F64:
+        assert pos.numel() > 0, "test defect: the case produced no code-3 element"
+    assert escape_values.dtype == weight.dtype and escape_values.device == device
+    assert tuple(escape_values.shape) == (pos.numel(),)
+    assert torch.equal(bit_pattern(escape_values), bit_pattern(original.reshape(-1)[pos]))
+    assert_unchanged(factors, {"lora_a": lora_a, "lora_b": lora_b}, "merge_exact_")
+
+    ops.unmerge_exact_(weight, lora_a, lora_b, scale, codes, transposed, escape_values=escape_values)
+    differ = int((bit_pattern(weight) != bit_pattern(original)).sum())
+    assert differ == 0, f"[{case}] {differ} of {weight.numel()} elements not restored ({pos.numel()} escapes)"
+    assert_guards_intact(s)
+
+
+def test_merge_exact_on_a_large_weight_across_thread_counts():
+    """Many row blocks over several threads: the escapes still come in flat order, and a record made
+    with one thread count is undone with another."""
+    use_device("cpu", *EXACT_OPS)
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(1031, 517, generator=g).to(BF16)
+    lora_a = (torch.randn(16, 517, generator=g) / 517**0.5).to(F32)
+    lora_b = (torch.randn(1031, 16, generator=g) * 8).to(F32)
+    original = weight.clone()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(max(threads, 2))
+        codes, values = ops.merge_exact_(weight, lora_a, lora_b, 0.9, False)
+        torch.set_num_threads(1)
+        ops.unmerge_exact_(weight, lora_a, lora_b, 0.9, codes, False, escape_values=values)
+    finally:
+        torch.set_num_threads(threads)
+    pos = code3_positions(codes, weight.numel(), "cpu")
+    assert pos.numel() > 1000, "test defect: too few escapes to spread over blocks"
+    assert torch.equal(bit_pattern(values), bit_pattern(original.reshape(-1)[pos]))
+    assert torch.equal(bit_pattern(weight), bit_pattern(original))
+
+
+@pytest.mark.parametrize("dtype", (F32, BF16, F16))
+def test_merge_exact_over_budget_raises_and_leaves_the_weight(device, dtype):
+    use_device(device.type, *EXACT_OPS)
+    case = Case(0, 13, 67, 8, dtype, dtype, (), 0.0, "contiguous", "random", 40.0, False)
+    weight, lora_a, lora_b, scale, transposed = merge_sample(case, device).args
+    before = snapshot({"weight": weight, "lora_a": lora_a, "lora_b": lora_b})
+    probe = weight.clone()
+    codes, values = ops.merge_exact_(probe, lora_a, lora_b, scale, transposed)
+    needed = codes.numel() + values.numel() * weight.element_size()
+    assert values.numel() > 0, "test defect: no escapes, the budget would only bound the codes"
+    # One byte short (escapes over budget: the op has to undo its pass) and below the codes alone.
+    for allowed in (needed - 1, codes.numel() - 1):
+        with pytest.raises(ValueError, match="max_record_bytes") as info:
+            ops.merge_exact_(weight, lora_a, lora_b, scale, transposed, max_record_bytes=allowed)
+        assert str(needed if allowed == needed - 1 else codes.numel()) in str(info.value)
+        assert str(allowed) in str(info.value)
+        assert_unchanged(before, {"weight": weight, "lora_a": lora_a, "lora_b": lora_b}, f"budget {allowed}")
+    # Exactly the needed bytes fit.
+    codes_2, values_2 = ops.merge_exact_(weight, lora_a, lora_b, scale, transposed, max_record_bytes=needed)
+    assert torch.equal(codes_2, codes) and torch.equal(bit_pattern(weight), bit_pattern(probe))
+
+
+def test_merge_exact_empty_weight(device):
+    use_device(device.type, *EXACT_OPS)
+    weight = torch.empty(0, 5, device=device)
+    codes, values = ops.merge_exact_(weight, torch.ones(2, 5, device=device), torch.ones(0, 2, device=device), 1.0)
+    assert codes.shape == (0,) and values.shape == (0,) and values.dtype == weight.dtype
+    ops.unmerge_exact_(weight, torch.ones(2, 5, device=device), torch.ones(0, 2, device=device), 1.0, codes,
+                       escape_values=values)
+
+
+def test_unmerge_exact_rejects_bad_escape_values(device):
+    use_device(device.type, *EXACT_OPS)
+    case = Case(0, 13, 67, 8, BF16, F32, (), 0.0, "contiguous", "random", 40.0, True)
+    weight, lora_a, lora_b, scale, transposed = merge_sample(case, device).args
+    codes, values = ops.merge_exact_(weight, lora_a, lora_b, scale, transposed)
+    assert values.numel() > 1
+    before = snapshot({"weight": weight})
+    bad = {
+        "one short": (values[:-1], ValueError),
+        "one extra": (torch.cat([values, values[:1]]), ValueError),
+        "wrong dtype": (values.to(F32), TypeError),
+        "2-D": (values.reshape(1, -1), ValueError),
+    }
+    if device.type == "cuda":
+        bad["wrong device"] = (values.cpu(), ValueError)
+    for label, (v, error) in bad.items():
+        with pytest.raises(error, match="escape_values"):
+            ops.unmerge_exact_(weight, lora_a, lora_b, scale, codes, transposed, escape_values=v)
+        assert_unchanged(before, {"weight": weight}, f"rejected escape_values ({label})")
+
+
+def test_unmerge_exact_without_escape_values_still_leaves_escapes(device):
+    """The call without escape_values is the old op: code-3 elements are left as the plain unmerge
+    gives them, and patching them by hand restores the weight."""
+    use_device(device.type, *EXACT_OPS)
+    case = Case(0, 13, 67, 8, F16, F16, (), 0.0, "contiguous", "random", 40.0, False)
+    weight, lora_a, lora_b, scale, transposed = merge_sample(case, device).args
+    original = weight.clone()
+    codes, values = ops.merge_exact_(weight, lora_a, lora_b, scale, transposed)
+    ops.unmerge_exact_(weight, lora_a, lora_b, scale, codes, transposed)
+    pos = code3_positions(codes, weight.numel(), device)
+    assert pos.numel() > 0
+    weight.view(-1)[pos] = values
+    assert torch.equal(bit_pattern(weight), bit_pattern(original))

@@ -106,6 +106,32 @@ def test_record_too_large_raises_before_writing():
     assert layer.merged
 
 
+def test_a_later_layer_over_budget_rolls_back_the_earlier_layers():
+    """The budget is enforced by the merge op itself, so earlier layers are already merged when a later
+    one fails: merge must unmerge them exactly and leave every weight, and every earlier record, usable."""
+    model = llama(dtype=torch.bfloat16)
+    # Two adapters on every layer: "first" is merged earlier, and its record must still apply afterwards.
+    loracuda.inject(model, LoraConfig(r=4), adapter="first")
+    loracuda.inject(model, LoraConfig(r=4))
+    randomize_adapters(model)
+    lora_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, loracuda.LoRALinear)]
+    assert len(lora_layers) > 2
+    base_weights = {n: m.weight.detach().clone() for n, m in lora_layers}
+    loracuda.merge(model, "first")
+    after_first = {n: m.weight.detach().clone() for n, m in lora_layers}
+    last_name, last = lora_layers[-1]
+    with torch.no_grad():
+        last.lora_B["default"].normal_(0, 50.0)  # far larger than the weights: most elements escape
+    with pytest.raises(ValueError, match=rf"{last_name!r}.*exact=False"):
+        loracuda.merge(model, "default")
+    for n, m in lora_layers:
+        assert torch.equal(m.weight.view(torch.int16), after_first[n].view(torch.int16)), f"layer {n} not rolled back"
+        assert list(m.merged) == ["first"], f"layer {n} records {list(m.merged)}"
+    loracuda.unmerge(model, "first")  # the earlier records still apply (version counters re-armed)
+    for n, m in lora_layers:
+        assert torch.equal(m.weight.view(torch.int16), base_weights[n].view(torch.int16)), f"layer {n} not restored"
+
+
 def test_safe_mode_raises_with_every_layer_unchanged():
     model = llama(dtype=torch.float16)
     loracuda.inject(model, LoraConfig(r=4))

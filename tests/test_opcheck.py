@@ -66,3 +66,16 @@ def test_lora_linear(device_name, case, requires_grad):
             if args[i] is not None:
                 args[i] = args[i].detach().requires_grad_(True)
     _opcheck("lora_linear", args)
+
+
+@pytest.mark.parametrize("device_name, case", device_cases(pick(MERGE_CASES, PER_OP)))
+def test_merge_exact(device_name, case):
+    """merge_exact_'s second output has a data-dependent length (a dynamic size in its fake); opcheck
+    runs its schema, fake, autograd-registration and AOT-dispatch tests on it. unmerge_exact_ is
+    checked with the record it returns."""
+    device = use_device(device_name, "merge_exact_", "unmerge_exact_")
+    args = merge_sample(case, device).args
+    weight, lora_a, lora_b, scale, transposed = args
+    _opcheck("merge_exact_", (weight, lora_a, lora_b, scale, transposed, -1))
+    codes, values = ops.merge_exact_(weight.clone(), lora_a, lora_b, scale, transposed)
+    _opcheck("unmerge_exact_", (weight, lora_a, lora_b, scale, transposed, codes, values))

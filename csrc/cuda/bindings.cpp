@@ -185,18 +185,56 @@ Tensor restore_codes_cuda(const Tensor& weight, const Tensor& lora_a, const Tens
   return codes;
 }
 
+// Flat indices (int64, ascending) of the code-3 elements of packed codes for `numel` elements, by ATen
+// ops on the device: hit = c & (c >> 1) & 0x55 has bit 2q set iff element q of the byte has code 3;
+// only the bytes with a hit are expanded. nonzero synchronises with the host (it sizes its output).
+Tensor escape_positions(const Tensor& codes, int64_t numel) {
+  const Tensor hit = at::bitwise_and(at::bitwise_and(codes, at::bitwise_right_shift(codes, 1)), 0x55);
+  const Tensor byte_index = at::nonzero(hit).squeeze(1);
+  if (byte_index.numel() == 0) return byte_index;
+  const Tensor shifts = at::arange(0, 8, 2, codes.options());
+  const Tensor is_escape =
+      at::bitwise_and(at::bitwise_right_shift(hit.index_select(0, byte_index).unsqueeze(1), shifts), 1).to(at::kBool);
+  const Tensor pos = (byte_index.unsqueeze(1) * 4 + at::arange(4, byte_index.options())).masked_select(is_escape);
+  return pos.masked_select(pos < numel);  // codes past the last element are 0; kept for safety
+}
+
 void unmerge_exact_cuda(Tensor& weight, const Tensor& lora_a, const Tensor& lora_b, double scale, bool transposed,
-                        const Tensor& codes) {
+                        const Tensor& codes, const std::optional<Tensor>& escape_values) {
   const char* op = "unmerge_exact_";
   check_merge_args(weight, lora_a, lora_b, scale, transposed, op);
   check_restore_codes(weight, codes, op);
+  if (escape_values.has_value()) check_escape_values(weight, *escape_values, op);
   const c10::cuda::CUDAGuard guard(weight.device());
+  Tensor pos;
+  if (escape_values.has_value()) {
+    pos = escape_positions(codes, weight.numel());
+    check_escape_count(*escape_values, pos.numel(), op);  // before anything is written
+  }
   if (weight.numel() == 0) return;
   Tensor a, b;
   kc::MergeParams p =
       merge_params(weight, lora_a, lora_b, scale, transposed, kc::MergeMode::kUnmergeExact, op, a, b);
   p.codes = codes.data_ptr<uint8_t>();  // read only in this mode
   C10_CUDA_CHECK(kc::launch_merge(p));
+  if (pos.defined() && pos.numel() > 0) weight.view(-1).index_put_({pos}, *escape_values);
+}
+
+// restore_codes, then the escapes located and saved (one host synchronisation, for their number),
+// the record size checked, then merge_: the weight is written only after every check has passed.
+std::tuple<Tensor, Tensor> merge_exact_cuda(Tensor& weight, const Tensor& lora_a, const Tensor& lora_b, double scale,
+                                            bool transposed, int64_t max_record_bytes) {
+  const char* op = "merge_exact_";
+  check_merge_args(weight, lora_a, lora_b, scale, transposed, op);
+  const int64_t code_bytes = restore_code_bytes(weight.numel());
+  check_record_bytes(code_bytes, 0, weight.element_size(), max_record_bytes, op);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  Tensor codes = restore_codes_cuda(weight, lora_a, lora_b, scale, transposed);
+  const Tensor pos = escape_positions(codes, weight.numel());
+  check_record_bytes(code_bytes, pos.numel(), weight.element_size(), max_record_bytes, op);
+  Tensor values = weight.view(-1).index_select(0, pos);  // a new tensor: the originals
+  merge_cuda(weight, lora_a, lora_b, scale, transposed);
+  return {codes, values};
 }
 
 // ---- backward ------------------------------------------------------------------------------------------
@@ -273,6 +311,7 @@ TORCH_LIBRARY_IMPL(loracuda, CUDA, m) {
   m.impl("merge_", &merge_cuda);
   m.impl("restore_codes", &restore_codes_cuda);
   m.impl("unmerge_exact_", &unmerge_exact_cuda);
+  m.impl("merge_exact_", &merge_exact_cuda);
   m.impl("backward", &backward_cuda);
 }
 
