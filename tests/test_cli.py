@@ -188,3 +188,17 @@ def test_plot_of_a_saved_run(tiny_run, tmp_path):
     proc = bench("--load", str(run), "--plot", str(png))
     assert proc.returncode == 0, proc.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _case(median, p20, p80):
+    return {"id": "c", "results": {"loracuda": {"median_ms": median, "p20_ms": p20, "p80_ms": p80}}}
+
+
+def test_a_regression_must_clear_the_threshold_and_the_noise():
+    from loracuda.benchmarking.results import _regressed
+
+    base = _case(10.0, 9.5, 10.5)
+    assert not _regressed(base, _case(10.4, 9.8, 11.0), 0.05)  # within the threshold
+    assert not _regressed(base, _case(11.0, 10.2, 12.0), 0.05)  # +10%, but the distributions overlap
+    assert _regressed(base, _case(11.0, 10.6, 11.5), 0.05)  # +10% and clear of the baseline's spread
+    assert _regressed(base, _case(20.0, 19.0, 21.0), 0.05)

@@ -142,10 +142,27 @@ class Comparison:
     warnings: list
 
 
-def _median(case: dict) -> Optional[float]:
+def _stat(case: dict, key: str) -> Optional[float]:
     entry = case.get("results", {}).get(COMPARED_PROVIDER, {})
-    value = entry.get("median_ms") if isinstance(entry, dict) else None
+    value = entry.get(key) if isinstance(entry, dict) else None
     return float(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
+def _median(case: dict) -> Optional[float]:
+    return _stat(case, "median_ms")
+
+
+def _regressed(base_case: dict, now_case: dict, threshold: float) -> bool:
+    """Slower by more than ``threshold`` in the median, and outside the noise: the new run's 20th
+    percentile is above the baseline's 80th (a shared machine's jitter moves single medians by more
+    than 5%; a real slow-down moves the whole distribution)."""
+    base_ms, now_ms = _median(base_case), _median(now_case)
+    if now_ms is None:
+        return True
+    if now_ms <= base_ms * (1.0 + threshold):
+        return False
+    now_p20, base_p80 = _stat(now_case, "p20_ms"), _stat(base_case, "p80_ms")
+    return now_p20 is None or base_p80 is None or now_p20 > base_p80
 
 
 def compare(current: dict, base: dict, threshold: float) -> Comparison:
@@ -164,7 +181,7 @@ def compare(current: dict, base: dict, threshold: float) -> Comparison:
         if base_ms is None:
             continue
         compared += 1
-        if now_ms is None or now_ms > base_ms * (1.0 + threshold):
+        if _regressed(base_case, now_cases[case_id], threshold):
             regressions.append(Regression(case_id, base_ms, now_ms))
     return Comparison(
         regressions=regressions,
