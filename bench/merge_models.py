@@ -21,6 +21,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the in-place build
 
+from model_setup import randomize_lora_b  # noqa: E402  (bench/ is on the path when run as a script)
+
 
 def peak_extra_bytes(fn):
     """Runs fn once under the profiler; returns (peak live CPU bytes allocated during fn over the level at
@@ -77,16 +79,9 @@ def main():
     )
     base = LlamaForCausalLM(config).to(dtype).eval()
 
-    def randomize(model):
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.01)
-
     ours = copy.deepcopy(base)
     loracuda.inject(ours, loracuda.LoraConfig(r=16, alpha=32))
-    randomize(ours)
+    randomize_lora_b(ours)
     layer_bytes = max(
         m.weight.numel() * m.weight.element_size() for m in ours.modules() if isinstance(m, loracuda.LoRALinear)
     )
@@ -109,7 +104,7 @@ def main():
 
     def peft_model():
         pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-        randomize(pm)
+        randomize_lora_b(pm)
         return pm
 
     peft_t = timed(lambda pm: pm.merge_and_unload(), args.reps, setup=peft_model)

@@ -19,6 +19,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the in-place build
 
+from model_setup import randomize_lora_b  # noqa: E402  (bench/ is on the path when run as a script)
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -51,16 +53,9 @@ def main():
     base = LlamaForCausalLM(config).eval()
     ids = torch.randint(0, args.vocab, (args.batch, args.tokens))
 
-    def randomize(model):
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.01)
-
     ours = copy.deepcopy(base)
     loracuda.inject(ours, loracuda.LoraConfig(r=16, alpha=32))
-    randomize(ours)
+    randomize_lora_b(ours)
 
     def run(model):
         def f():
@@ -76,7 +71,7 @@ def main():
         import peft
 
         pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")).eval()
-        randomize(pm)
+        randomize_lora_b(pm)
         providers["peft unmerged"] = pm
     providers["plain base model"] = base
     # Round robin (one forward of each provider per round, the order rotating), so that a drift in the
