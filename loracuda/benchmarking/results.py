@@ -142,6 +142,9 @@ class Comparison:
     warnings: list
 
 
+NOISE_ALLOWANCE = 0.25  # the most a baseline's own spread may excuse, as a fraction of its median
+
+
 def _stat(case: dict, key: str) -> Optional[float]:
     entry = case.get("results", {}).get(COMPARED_PROVIDER, {})
     value = entry.get(key) if isinstance(entry, dict) else None
@@ -153,16 +156,16 @@ def _median(case: dict) -> Optional[float]:
 
 
 def _regressed(base_case: dict, now_case: dict, threshold: float) -> bool:
-    """Slower by more than ``threshold`` in the median, and outside the noise: the new run's 20th
-    percentile is above the baseline's 80th (a shared machine's jitter moves single medians by more
-    than 5%; a real slow-down moves the whole distribution)."""
+    """Slower by more than ``threshold`` in the median, and outside the baseline's own spread: the new
+    median is above the baseline's 80th percentile (a shared machine's jitter moves single medians by
+    more than 5%; a real slow-down moves the median past most of the old samples). The spread excuses
+    at most NOISE_ALLOWANCE over the baseline's median, so a noisy baseline cannot hide a large slow-down."""
     base_ms, now_ms = _median(base_case), _median(now_case)
     if now_ms is None:
         return True
-    if now_ms <= base_ms * (1.0 + threshold):
-        return False
-    now_p20, base_p80 = _stat(now_case, "p20_ms"), _stat(base_case, "p80_ms")
-    return now_p20 is None or base_p80 is None or now_p20 > base_p80
+    base_p80 = _stat(base_case, "p80_ms") or base_ms
+    allowed = max(base_ms * (1.0 + threshold), min(base_p80, base_ms * (1.0 + NOISE_ALLOWANCE)))
+    return now_ms > allowed
 
 
 def compare(current: dict, base: dict, threshold: float) -> Comparison:
