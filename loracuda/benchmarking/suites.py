@@ -66,7 +66,7 @@ class Suite:
 
 _SUITES: dict[str, Suite] = {}
 # Modules that register further suites when imported (e.g. "loracuda.benchmarking.train_suite").
-_SUITE_MODULES: tuple[str, ...] = ()
+_SUITE_MODULES: tuple[str, ...] = ("loracuda.benchmarking.train_suite",)
 
 
 def register_suite(name: str, description: str):
