@@ -138,36 +138,58 @@ def plot_available() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
+def _token_series(record: dict) -> dict:
+    """Cases that differ only in M (tokens), grouped: (suite/op, other dims, dtype) -> [case sorted by M]."""
+    groups: dict = {}
+    for case in record["cases"]:
+        if not case.get("results") or "M" not in case.get("shape", {}):
+            continue
+        rest = " ".join(f"{k}={v}" for k, v in case["shape"].items() if k != "M")
+        groups.setdefault(f"{case['suite']}/{case['op']} {rest} {case['dtype']}", []).append(case)
+    return {key: sorted(cases, key=lambda c: c["shape"]["M"]) for key, cases in groups.items()}
+
+
 def write_plot(record: dict, path: str) -> None:
-    """One horizontal bar per case and provider: median time (log scale), grouped by case."""
+    """Time against tokens (M), one panel per op (and shape), one line per provider, and the memory
+    roofline: the bytes the case's formulas must move over the copy bandwidth measured in the run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = [c for c in record["cases"] if c.get("results")]
-    providers: list[str] = []
-    for case in cases:
-        for name in case["results"]:
-            if name not in providers:
-                providers.append(name)
-    height = 0.8 / max(len(providers), 1)
-    fig, ax = plt.subplots(figsize=(10, 0.45 * len(cases) * max(len(providers), 1) * 0.5 + 1.5))
-    for j, name in enumerate(providers):
-        ys, xs = [], []
-        for i, case in enumerate(cases):
-            entry = case["results"].get(name, {})
-            if "median_ms" in entry:
-                ys.append(i + j * height)
-                xs.append(entry["median_ms"])
-        ax.barh(ys, xs, height=height, label=name)
-    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(cases))])
-    ax.set_yticklabels([c["id"] for c in cases], fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xscale("log")
-    ax.set_xlabel("median time (ms, log scale)")
-    ax.set_title(f"loracuda bench on {record['device'].get('name')}")
-    ax.legend(fontsize=8)
+    groups = _token_series(record)
+    if not groups:
+        raise ValueError("the run has no case measured at several token counts (M) to plot")
+    copy_bw = record.get("ceilings", {}).get("copy_bytes_per_s")
+    order: list[str] = []
+    for cases in groups.values():
+        for c in cases:
+            order += [n for n in c["results"] if n not in order]
+    colors = {name: f"C{i}" for i, name in enumerate(order)}  # one color per provider in every panel
+    cols = min(3, len(groups))
+    rows = (len(groups) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False)
+    for ax, (title, cases) in zip(axes.flat, groups.items()):
+        tokens = [c["shape"]["M"] for c in cases]
+        providers = []
+        for c in cases:
+            providers += [n for n in c["results"] if n not in providers]
+        for name in providers:
+            pts = [(c["shape"]["M"], c["results"][name]["median_ms"]) for c in cases
+                   if "median_ms" in c["results"].get(name, {})]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name, color=colors[name])
+        if copy_bw:
+            ax.plot(tokens, [c["bytes"] / copy_bw * 1e3 for c in cases], "k--", label="memory roofline")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens (M)")
+        ax.set_ylabel("median time (ms)")
+        ax.set_title(title, fontsize=8)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(groups):]:
+        ax.set_visible(False)
+    fig.suptitle(f"loracuda bench on {record['device'].get('name')}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
