@@ -82,7 +82,8 @@ def add_parser(subparsers) -> None:
         metavar="FRACTION",
         help="allowed slow-down for --compare, as a fraction of the baseline time (default: 0.05 = 5%%)",
     )
-    p.add_argument("--plot", metavar="OUT.png", help="draw the median times as a bar chart (needs matplotlib)")
+    p.add_argument("--plot", metavar="OUT.png", help="plot time against tokens (M) per provider, with the memory roofline from the measured copy "
+                   "bandwidth, one panel per op (needs matplotlib)")
     p.add_argument(
         "--case",
         metavar="TEXT",
