@@ -14,6 +14,7 @@ never feed another's. In-place ops are timed repeatedly on the same buffers; the
 (scale * B A of about 1e-2 per call), so the drift over a run stays far from overflow.
 """
 
+import contextlib
 import importlib.util
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -269,3 +270,27 @@ def layer_bench(
 
         return Bench(step)
     raise ValueError(f"unknown layer mode {mode!r}")
+
+
+def reference_layer_call(
+    x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, training=False, seed=None, slice_offsets=()
+):
+    """The plain-PyTorch formula of loracuda.reference with loracuda.lora_linear's signature, so that a
+    patched model's layers can be timed on it (the demo and the train suite swap it in for lora_linear)."""
+    p = dropout_p if training else 0.0
+    if p > 0.0 and seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)))
+    return reference.lora_linear(x, weight, bias, lora_a, lora_b, scale, p, seed, slice_offsets)
+
+
+@contextlib.contextmanager
+def lora_layers_calling(call):
+    """Within the block, every loracuda.LoRALinear forward calls ``call`` instead of lora_linear."""
+    from .. import layers
+
+    original = layers.lora_linear
+    layers.lora_linear = call
+    try:
+        yield
+    finally:
+        layers.lora_linear = original

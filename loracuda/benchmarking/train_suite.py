@@ -7,12 +7,13 @@ in Llama), so the suite needs no download and no transformers. Full size: hidden
 2 layers, 2 x 128 tokens. Bytes and FLOPs count the frozen base GEMMs (forward and input gradient).
 """
 
+import contextlib
 import copy
 
 import torch
 from torch.nn import functional as F
 
-from .. import layers, reference, tiny_llama
+from .. import tiny_llama
 from ..config import LoraConfig
 from ..inject import inject
 from . import providers as P
@@ -30,31 +31,18 @@ def train_shape(ctx: SuiteContext) -> dict:
     return {"hidden": 1024, "inter": 2816, "layers": 4, "heads": 16, "batch": 4, "tokens": 256}
 
 
-def _reference_call(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, training=False, seed=None, slice_offsets=()):
-    """lora_linear's signature over the plain-PyTorch formula of loracuda.reference."""
-    p = dropout_p if training else 0.0
-    if p > 0.0 and seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)))
-    return reference.lora_linear(x, weight, bias, lora_a, lora_b, scale, p, seed, slice_offsets)
-
-
 def _step_bench(model, ids, call=None) -> P.Bench:
     """One training step; ``call`` replaces the layers' lora_linear while the step runs (reference)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
 
     def step() -> None:
-        original = layers.lora_linear
-        if call is not None:
-            layers.lora_linear = call
-        try:
+        with P.lora_layers_calling(call) if call is not None else contextlib.nullcontext():
             logits = model(ids[:, :-1])
             loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        finally:
-            layers.lora_linear = original
 
     return P.Bench(step)
 
@@ -94,7 +82,7 @@ def train_suite(ctx: SuiteContext) -> list:
             if not (ctx.quick and p > 0.0 and not ctx.tiny):
                 ref = inject(copy.deepcopy(base), LoraConfig(r=RANK, alpha=ALPHA, dropout=p, target_modules=TARGETS))
                 ref.train()
-                benches["reference"] = _step_bench(ref, ids, _reference_call)
+                benches["reference"] = _step_bench(ref, ids, P.reference_layer_call)
             return benches
 
         shape = {"hidden": h, "inter": inter, "layers": n_layers, "tokens": tokens, "r": RANK, "p": p}

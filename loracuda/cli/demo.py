@@ -81,21 +81,6 @@ def _batches(data, batch: int, seq: int, generator):
         yield window[:, :-1], window[:, 1:]
 
 
-def _reference_layer_call():
-    """The plain-PyTorch LoRA layer formula with lora_linear's signature, to time beside loracuda."""
-    import torch
-
-    from .. import reference
-
-    def call(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, training=False, seed=None, slice_offsets=()):
-        p = dropout_p if training else 0.0
-        if p > 0.0 and seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)))
-        return reference.lora_linear(x, weight, bias, lora_a, lora_b, scale, p, seed, slice_offsets)
-
-    return call
-
-
 def _step_time(model, ids, targets, device, repeats: int = 5) -> float:
     """Median seconds of one forward + backward of the language-model loss."""
     import torch
@@ -125,7 +110,8 @@ def run(args) -> int:
     from torch.nn import functional as F
 
     import loracuda
-    from loracuda import layers, tiny_llama
+    from loracuda import tiny_llama
+    from loracuda.benchmarking.providers import lora_layers_calling, reference_layer_call
 
     torch.manual_seed(args.seed)
     out = args.out or tempfile.mkdtemp(prefix="loracuda-demo-")
@@ -194,12 +180,8 @@ def run(args) -> int:
     ids, targets = (t.to(device) for t in next(batches))
     model.train()
     loracuda_step = _step_time(model, ids, targets, device)
-    original_call = layers.lora_linear
-    layers.lora_linear = _reference_layer_call()
-    try:
+    with lora_layers_calling(reference_layer_call):
         reference_step = _step_time(model, ids, targets, device)
-    finally:
-        layers.lora_linear = original_call
 
     checks = {
         "loss went down": last_loss < first_loss,
