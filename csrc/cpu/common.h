@@ -189,26 +189,36 @@ inline Isa isa() {
 
 }  // namespace detail
 
-// keep[k] for the n elements starting at the logical flat index `start` (= m * K + k0).
-inline void dropout_keep_row(const Dropout& d, uint64_t start, int64_t n, uint8_t* keep) {
-  while (n > 0) {
+// Splits the n flat indices starting at `start` into segments within which the index's high 32-bit
+// word is constant (the segment kernels hash the low word as a running uint32), calling
+// fn(lo, hi, offset, seg) for each: offset is the segment's position among the n elements.
+template <typename Fn>
+inline void for_each_index_segment(uint64_t start, int64_t n, Fn&& fn) {
+  int64_t offset = 0;
+  while (offset < n) {
     const uint32_t lo = static_cast<uint32_t>(start);
     const uint32_t hi = static_cast<uint32_t>(start >> 32);
-    // Within one segment the high word is constant: split where the low word wraps.
-    const int64_t seg = std::min<int64_t>(n, static_cast<int64_t>((uint64_t{1} << 32) - lo));
+    const int64_t seg = std::min<int64_t>(n - offset, static_cast<int64_t>((uint64_t{1} << 32) - lo));
+    fn(lo, hi, offset, seg);
+    start += static_cast<uint64_t>(seg);
+    offset += seg;
+  }
+}
+
+// keep[k] for the n elements starting at the logical flat index `start` (= m * K + k0).
+inline void dropout_keep_row(const Dropout& d, uint64_t start, int64_t n, uint8_t* keep) {
+  for_each_index_segment(start, n, [&](uint32_t lo, uint32_t hi, int64_t offset, int64_t seg) {
+    uint8_t* out = keep + offset;
 #ifdef LORACUDA_X86_DISPATCH
     switch (detail::isa()) {
-      case detail::Isa::avx512: detail::keep_segment_avx512(d.key, d.threshold, lo, hi, seg, keep); break;
-      case detail::Isa::avx2: detail::keep_segment_avx2(d.key, d.threshold, lo, hi, seg, keep); break;
-      default: detail::keep_segment_generic(d.key, d.threshold, lo, hi, seg, keep);
+      case detail::Isa::avx512: detail::keep_segment_avx512(d.key, d.threshold, lo, hi, seg, out); break;
+      case detail::Isa::avx2: detail::keep_segment_avx2(d.key, d.threshold, lo, hi, seg, out); break;
+      default: detail::keep_segment_generic(d.key, d.threshold, lo, hi, seg, out);
     }
 #else
-    detail::keep_segment_generic(d.key, d.threshold, lo, hi, seg, keep);
+    detail::keep_segment_generic(d.key, d.threshold, lo, hi, seg, out);
 #endif
-    start += static_cast<uint64_t>(seg);
-    n -= seg;
-    keep += seg;
-  }
+  });
 }
 
 namespace detail {
@@ -330,29 +340,24 @@ inline void load_dropped_row(const Dropout& d, uint64_t start, const T* src, int
     apply_keep(kp, d.keep_scale, n, dst);
     return;
   }
-  while (n > 0) {
-    const uint32_t lo = static_cast<uint32_t>(start);
-    const uint32_t hi = static_cast<uint32_t>(start >> 32);
-    const int64_t seg = std::min<int64_t>(n, static_cast<int64_t>((uint64_t{1} << 32) - lo));
+  for_each_index_segment(start, n, [&](uint32_t lo, uint32_t hi, int64_t offset, int64_t seg) {
+    const T* in = src + offset;
+    A* out = dst + offset;
+    uint8_t* kp = keep != nullptr ? keep + offset : nullptr;
 #ifdef LORACUDA_X86_DISPATCH
     switch (detail::isa()) {
       case detail::Isa::avx512:
-        detail::dropped_segment_avx512<T>(src, seg, d.key, d.threshold, lo, hi, ks, dst, keep);
+        detail::dropped_segment_avx512<T>(in, seg, d.key, d.threshold, lo, hi, ks, out, kp);
         break;
       case detail::Isa::avx2:
-        detail::dropped_segment_avx2<T>(src, seg, d.key, d.threshold, lo, hi, ks, dst, keep);
+        detail::dropped_segment_avx2<T>(in, seg, d.key, d.threshold, lo, hi, ks, out, kp);
         break;
-      default: detail::dropped_segment_generic<T>(src, seg, d.key, d.threshold, lo, hi, ks, dst, keep);
+      default: detail::dropped_segment_generic<T>(in, seg, d.key, d.threshold, lo, hi, ks, out, kp);
     }
 #else
-    detail::dropped_segment_generic<T>(src, seg, d.key, d.threshold, lo, hi, ks, dst, keep);
+    detail::dropped_segment_generic<T>(in, seg, d.key, d.threshold, lo, hi, ks, out, kp);
 #endif
-    start += static_cast<uint64_t>(seg);
-    n -= seg;
-    src += seg;
-    dst += seg;
-    if (keep != nullptr) keep += seg;
-  }
+  });
 }
 
 // ---- the rank-r delta micro-kernel -------------------------------------------------------------
