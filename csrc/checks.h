@@ -258,6 +258,102 @@ inline std::vector<int64_t> check_backward_args(const at::Tensor& grad_y, const 
   return offsets;
 }
 
+// ---- multi-LoRA serving ------------------------------------------------------------------------
+// Stacked adapters: lora_a_all [L, S*r_max, K], lora_b_all [L, N, r_max] (contiguous, in the activations'
+// dtype or float32), ranks int32 [L], scales float32 [L], adapter_ids int32 [M]; all on x's device.
+// Values of ranks and adapter_ids are checked by the CPU kernels only (reading them on CUDA would be a
+// host synchronisation; the CUDA kernels clamp ranks to r_max and treat ids outside [0, L) as -1).
+
+inline void check_adapter_table(const at::Tensor& t, int64_t num_adapters, at::ScalarType dtype, const char* dtype_name,
+                                const at::Tensor& ref, const char* op, const char* arg, const char* ref_arg) {
+  check_dim(t, 1, op, arg, "[L]");
+  LORACUDA_CHECK_ARG_TYPE(t.scalar_type() == dtype, op, arg, "must be ", dtype_name, ", got ", t.scalar_type());
+  LORACUDA_CHECK_ARG(t.size(0) == num_adapters, op, arg, "must have L = ", num_adapters, " entries, got shape ",
+                     t.sizes());
+  LORACUDA_CHECK_ARG(t.is_contiguous(), op, arg, "must be contiguous");
+  check_same_device(t, ref, op, arg, ref_arg);
+}
+
+inline void check_adapter_ids(const at::Tensor& ids, int64_t m, const at::Tensor& ref, const char* op,
+                              const char* ref_arg) {
+  check_dim(ids, 1, op, "adapter_ids", "[M]");
+  LORACUDA_CHECK_ARG_TYPE(ids.scalar_type() == at::kInt, op, "adapter_ids", "must be int32, got ", ids.scalar_type());
+  LORACUDA_CHECK_ARG(ids.size(0) == m, op, "adapter_ids", "must have M = ", m, " entries (one per row of '", ref_arg,
+                     "'), got shape ", ids.sizes());
+  LORACUDA_CHECK_ARG(ids.is_contiguous(), op, "adapter_ids", "must be contiguous");
+  check_same_device(ids, ref, op, "adapter_ids", ref_arg);
+}
+
+// multi_shrink: x [M, K], lora_a_all [L, S*r_max, K].
+inline void check_multi_shrink_args(const at::Tensor& x, const at::Tensor& lora_a_all, const at::Tensor& ranks,
+                                    const at::Tensor& adapter_ids, int64_t num_slices) {
+  const char* op = "multi_shrink";
+  check_dim(x, 2, op, "x", "[M, K]");
+  check_dim(lora_a_all, 3, op, "lora_a_all", "[L, S*r_max, K]");
+  check_value_dtype(x, op, "x");
+  check_adapter_dtype(lora_a_all, x.scalar_type(), op, "lora_a_all", "x");
+  check_same_device(lora_a_all, x, op, "lora_a_all", "x");
+  LORACUDA_CHECK_ARG(lora_a_all.is_contiguous(), op, "lora_a_all", "must be contiguous");
+  LORACUDA_CHECK_ARG(x.size(1) >= 1, op, "x", "must have K >= 1 columns, got shape ", x.sizes());
+  LORACUDA_CHECK_ARG(lora_a_all.size(0) >= 1 && lora_a_all.size(1) >= 1 && lora_a_all.size(2) == x.size(1), op,
+                     "lora_a_all", "must be [L, S*r_max, K] with L >= 1 and K = ", x.size(1), " (from 'x'), got shape ",
+                     lora_a_all.sizes());
+  LORACUDA_CHECK_ARG(num_slices >= 1 && lora_a_all.size(1) % num_slices == 0, op, "num_slices",
+                     "must be >= 1 and divide S*r_max = ", lora_a_all.size(1), ", got ", num_slices);
+  check_adapter_table(ranks, lora_a_all.size(0), at::kInt, "int32", x, op, "ranks", "x");
+  check_adapter_ids(adapter_ids, x.size(0), x, op, "x");
+}
+
+// multi_expand_add_: y [M, N] += h [M, S*r_max] (per token's adapter) @ lora_b_all [L, N, r_max]. Returns the
+// slice offsets.
+inline std::vector<int64_t> check_multi_expand_add_args(const at::Tensor& y, const at::Tensor& h,
+                                                        const at::Tensor& lora_b_all, const at::Tensor& scales,
+                                                        const at::Tensor& ranks, const at::Tensor& adapter_ids,
+                                                        at::IntArrayRef slice_offsets) {
+  const char* op = "multi_expand_add_";
+  check_dim(y, 2, op, "y", "[M, N]");
+  check_dim(h, 2, op, "h", "[M, S*r_max]");
+  check_dim(lora_b_all, 3, op, "lora_b_all", "[L, N, r_max]");
+  check_value_dtype(y, op, "y");
+  LORACUDA_CHECK_ARG_TYPE(h.scalar_type() == accumulate_dtype(y.scalar_type()), op, "h", "must be ",
+                          accumulate_dtype(y.scalar_type()), " (the accumulation dtype for 'y' of dtype ",
+                          y.scalar_type(), "), got ", h.scalar_type());
+  check_adapter_dtype(lora_b_all, y.scalar_type(), op, "lora_b_all", "y");
+  check_same_device(h, y, op, "h", "y");
+  check_same_device(lora_b_all, y, op, "lora_b_all", "y");
+  LORACUDA_CHECK_ARG(lora_b_all.is_contiguous(), op, "lora_b_all", "must be contiguous");
+  check_row_major_output(y, op, "y");
+  const int64_t n = y.size(1);
+  LORACUDA_CHECK_ARG(lora_b_all.size(0) >= 1 && lora_b_all.size(1) == n && lora_b_all.size(2) >= 1, op, "lora_b_all",
+                     "must be [L, N, r_max] with L >= 1 and N = ", n, " (from 'y'), got shape ", lora_b_all.sizes());
+  LORACUDA_CHECK_ARG(h.size(0) == y.size(0), op, "h", "must have M = ", y.size(0), " rows (from 'y'), got shape ",
+                     h.sizes());
+  auto offsets = check_slice_offsets(slice_offsets, n, op);
+  const int64_t slices = static_cast<int64_t>(offsets.size()) - 1;
+  LORACUDA_CHECK_ARG(h.size(1) == slices * lora_b_all.size(2), op, "h", "must have S * r_max = ", slices, " * ",
+                     lora_b_all.size(2), " columns, got shape ", h.sizes());
+  const int64_t adapters = lora_b_all.size(0);
+  check_adapter_table(scales, adapters, at::kFloat, "float32", y, op, "scales", "y");
+  check_adapter_table(ranks, adapters, at::kInt, "int32", y, op, "ranks", "y");
+  check_adapter_ids(adapter_ids, y.size(0), y, op, "y");
+  return offsets;
+}
+
+// CPU only: every rank in [0, r_max] and every id in [-1, L).
+inline void check_multi_values_cpu(const at::Tensor& ranks, int64_t r_max, const at::Tensor& adapter_ids,
+                                   const char* op) {
+  const int32_t* rp = ranks.const_data_ptr<int32_t>();
+  for (int64_t l = 0; l < ranks.size(0); ++l) {
+    LORACUDA_CHECK_ARG(rp[l] >= 0 && rp[l] <= r_max, op, "ranks", "must hold ranks in [0, r_max = ", r_max,
+                       "], got ", rp[l], " for adapter ", l);
+  }
+  const int32_t* ip = adapter_ids.const_data_ptr<int32_t>();
+  for (int64_t m = 0; m < adapter_ids.size(0); ++m) {
+    LORACUDA_CHECK_ARG(ip[m] >= -1 && ip[m] < ranks.size(0), op, "adapter_ids", "must hold ids in [-1, L = ",
+                       ranks.size(0), "), got ", ip[m], " at row ", m);
+  }
+}
+
 // The seed value when it lives on the CPU (a device seed is read by the kernel itself).
 inline uint64_t host_seed(const std::optional<at::Tensor>& seed) {
   return seed.has_value() && seed->is_cpu() ? static_cast<uint64_t>(seed->item<int64_t>()) : 0;

@@ -43,6 +43,18 @@ TORCH_LIBRARY(loracuda, m) {
   m.def(
       "backward(Tensor grad_y, Tensor x, Tensor h, Tensor lora_a, Tensor lora_b, float scale, float dropout_p, "
       "Tensor? seed, int[] slice_offsets, Tensor(a!)? grad_x) -> (Tensor, Tensor)");
+  // ---- multi-LoRA serving: many adapters in one batch (loracuda.serving) ----
+  // Stacked adapters: lora_a_all [L, R, K] with R = S * r_max for S slices, lora_b_all [L, N, r_max],
+  // ranks int32 [L] (rows j >= ranks[l] of each slice of adapter l are treated as zero and need not be
+  // read), scales float32 [L], adapter_ids int32 [M] per token (-1: no adapter, its h row is 0 and its
+  // y row untouched). ids outside [-1, L) raise on the CPU; on CUDA (no host sync) they act as -1.
+  // h [M, R] float32 (float64 for float64 x); h[m, i*r_max + j] = x[m] . lora_a_all[id_m, i*r_max + j].
+  m.def("multi_shrink(Tensor x, Tensor lora_a_all, Tensor ranks, Tensor adapter_ids, int num_slices) -> Tensor");
+  // y[m, off[i]:off[i+1]] += scales[id_m] * h[m, i*r_max:(i+1)*r_max] @ lora_b_all[id_m, off[i]:off[i+1]]^T
+  // for every token m with id_m >= 0, in place; columns j >= ranks[id_m] of lora_b_all are treated as zero.
+  m.def(
+      "multi_expand_add_(Tensor(a!) y, Tensor h, Tensor lora_b_all, Tensor scales, Tensor ranks, "
+      "Tensor adapter_ids, int[] slice_offsets) -> ()");
   // The LoRA linear layer's forward: y = x @ weight^T + bias + scale * shrink(x) @ lora_b^T.
   // Returns (y, h); h is what backward needs. Composite of the ops above (csrc/lora_linear.cpp).
   m.def(

@@ -112,6 +112,30 @@ def backward(
     )
 
 
+def multi_shrink(x: Tensor, lora_a_all: Tensor, ranks: Tensor, adapter_ids: Tensor, num_slices: int = 1) -> Tensor:
+    """Multi-LoRA shrink. x [M, K]; lora_a_all [L, S*r_max, K] (S = ``num_slices``) in x's dtype or
+    float32; ranks int32 [L] (rows j >= ranks[l] of each slice count as zero); adapter_ids int32 [M]
+    (-1: no adapter). Returns h [M, S*r_max] float32 with h[m] = lora_a_all[id_m] @ x[m] (0 where
+    id_m = -1)."""
+    return _ops.multi_shrink(x, lora_a_all, ranks, adapter_ids, int(num_slices))
+
+
+def multi_expand_add_(
+    y: Tensor,
+    h: Tensor,
+    lora_b_all: Tensor,
+    scales: Tensor,
+    ranks: Tensor,
+    adapter_ids: Tensor,
+    slice_offsets: Sequence[int] = (),
+) -> None:
+    """Multi-LoRA expand-add, in place: for every token m with id_m >= 0 and slice i,
+    y[m, off[i]:off[i+1]] += scales[id_m] * lora_b_all[id_m, off[i]:off[i+1], :ranks[id_m]] @
+    h[m, i*r_max : i*r_max + ranks[id_m]]. y [M, N]; h [M, S*r_max] float32; lora_b_all [L, N, r_max];
+    scales float32 [L]; rows with id -1 are untouched."""
+    _ops.multi_expand_add_(y, h, lora_b_all, scales, ranks, adapter_ids, list(slice_offsets))
+
+
 # ---- fake implementations (shapes and dtypes only) for torch.compile and opcheck ----------------
 # They also serve the Meta dispatch key, which a call reaches when any argument is a meta tensor, so
 # they repeat the device checks of csrc/checks.h: a mix of devices is an error, not a garbage result.
@@ -179,3 +203,17 @@ def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, s
     y = x.new_empty((x.shape[0], weight.shape[0]))
     h = x.new_empty((x.shape[0], lora_a.shape[0]), dtype=accumulate_dtype(x.dtype))
     return y, h
+
+
+@torch.library.register_fake("loracuda::multi_shrink")
+def _multi_shrink_fake(x, lora_a_all, ranks, adapter_ids, num_slices):
+    _check_same_device("multi_shrink", "x", x, lora_a_all=lora_a_all, ranks=ranks, adapter_ids=adapter_ids)
+    return x.new_empty((x.shape[0], lora_a_all.shape[1]), dtype=accumulate_dtype(x.dtype))
+
+
+@torch.library.register_fake("loracuda::multi_expand_add_")
+def _multi_expand_add_fake(y, h, lora_b_all, scales, ranks, adapter_ids, slice_offsets):
+    _check_same_device(
+        "multi_expand_add_", "y", y, h=h, lora_b_all=lora_b_all, scales=scales, ranks=ranks, adapter_ids=adapter_ids
+    )
+    return None

@@ -157,3 +157,51 @@ def lora_linear(
     h = shrink(x2, lora_a, dropout_p, seed)
     y = expand_add(y, h, lora_b, scale, slice_offsets)
     return y.reshape(*lead, y.shape[-1])
+
+
+# ---- multi-LoRA serving -------------------------------------------------------------------------
+
+
+def _rank_mask(ranks: Tensor, ids: Tensor, r_max: int, num_slices: int) -> Tensor:
+    """bool [M, S*r_max]: True where column i*r_max + j has j < ranks[id_m] (False for id -1)."""
+    j = torch.arange(r_max, device=ids.device).repeat(num_slices)
+    r_m = torch.where(ids >= 0, ranks.to(ids.device).long()[ids.clamp(min=0)], 0)
+    return j[None, :] < r_m[:, None]
+
+
+def multi_shrink(x: Tensor, lora_a_all: Tensor, ranks: Tensor, adapter_ids: Tensor, num_slices: int = 1) -> Tensor:
+    """h [M, S*r_max]: h[m] = lora_a_all[id_m] @ x[m] over the rows each adapter's rank uses, 0 elsewhere."""
+    dtype = _promote(x, lora_a_all)
+    ids = adapter_ids.long()
+    r_max = lora_a_all.shape[1] // num_slices
+    a = lora_a_all.to(dtype)[ids.clamp(min=0)]  # [M, S*r_max, K]
+    h = torch.einsum("mk,mrk->mr", x.to(dtype), a)
+    h = torch.where(_rank_mask(ranks, ids, r_max, num_slices), h, torch.zeros_like(h))
+    return h.to(_acc(x.dtype))
+
+
+def multi_expand_add(
+    y: Tensor,
+    h: Tensor,
+    lora_b_all: Tensor,
+    scales: Tensor,
+    ranks: Tensor,
+    adapter_ids: Tensor,
+    slice_offsets: Sequence[int] = (),
+) -> Tensor:
+    """Out of place: the y that multi_expand_add_ leaves."""
+    dtype = _promote(y, h, lora_b_all)
+    ids = adapter_ids.long()
+    r_max = lora_b_all.shape[2]
+    spans = _slices(y.shape[1], slice_offsets)
+    keep = _rank_mask(ranks, ids, r_max, len(spans))
+    hh = torch.where(keep, h.to(dtype), torch.zeros((), dtype=dtype, device=h.device))
+    b = lora_b_all.to(dtype)[ids.clamp(min=0)]  # [M, N, r_max]
+    s = torch.where(ids >= 0, scales.to(dtype)[ids.clamp(min=0)], torch.zeros((), dtype=dtype, device=ids.device))
+    out = y.to(dtype).clone()
+    for i, (start, end) in enumerate(spans):
+        h_i = hh[:, i * r_max : (i + 1) * r_max]
+        out[:, start:end] += s[:, None] * torch.einsum("mnr,mr->mn", b[:, start:end], h_i)
+    # Rows without an adapter are returned exactly as they were.
+    out = torch.where((ids >= 0)[:, None], out.to(y.dtype), y)
+    return out
