@@ -440,7 +440,7 @@ def test_valid_base_args_are_accepted():
 
 # ---- opcheck and torch.compile ------------------------------------------------------------------
 
-OPCHECK_CASES = [c for c in CASES if c.m in (3, 127) and c.m * c.rank_total * c.k <= 3_000_000][::3]
+OPCHECK_CASES = [c for c in CASES if c.m in (3, 127) and c.m * c.rank_total * c.k <= 3_000_000][::5]
 
 
 @pytest.mark.parametrize("device_name, case", _params(OPCHECK_CASES))
@@ -456,6 +456,7 @@ def test_opcheck(device_name, case):
 def test_opcheck_covers_both_value_kinds():
     assert {c.values for c in OPCHECK_CASES} == {"random", "integers"}
     assert {c.slices for c in OPCHECK_CASES} == {1, 3}
+    assert {c.dtype for c in OPCHECK_CASES} == {F32, BF16, F16, F64}
 
 
 @pytest.mark.parametrize("device_name", ("cpu", pytest.param("cuda", marks=pytest.mark.cuda)))
