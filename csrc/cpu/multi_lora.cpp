@@ -167,19 +167,97 @@ void small_shrink(const A* xrows, int64_t cnt, int64_t k, const W* a, int64_t sl
   }
 }
 
+// Columns [c0, c1) of slice s of small_expand (below), one dot product of length `rank` each.
+template <typename A, typename W>
+void small_expand_cols(A* yrows, int64_t cnt, int64_t n, const A* hrows, int64_t r_total, const W* b, int64_t r_max,
+                       int64_t rank, int64_t s, int64_t c0, int64_t c1, A scale) {
+  for (int64_t c = c0; c < c1; ++c) {
+    const W* row = b + c * r_max;
+    for (int64_t i = 0; i < cnt; ++i) yrows[i * n + c] += scale * dot(hrows + i * r_total + s * r_max, row, rank);
+  }
+}
+
+#ifdef LORACUDA_X86_DISPATCH
+namespace avx2 {
+
+// 8 consecutive adapter values widened to float.
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));  // exact: bf16 is float's top half
+}
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));  // exact
+}
+
+// The 8 horizontal sums of v[0..7] as one vector: lane q = v[q][0] + ... + v[q][7].
+__attribute__((target("avx2,fma,f16c"))) inline __m256 sums8(const __m256* v) {
+  const __m256 lo = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 hi = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+
+// small_expand_cols for float rows over whole blocks of 8 columns from c0; returns the first column
+// not done (the caller finishes the < 8 left). Each column's dot runs over `rank` in 8-lane chunks
+// (a scalar-filled, zero-padded chunk for rank % 8, so the padding beyond rank is never read), the 8
+// columns' sums are reduced together, and y += scale * sum is one fused multiply-add.
+template <typename W>
+__attribute__((target("avx2,fma,f16c"))) int64_t expand_cols(float* yrows, int64_t cnt, int64_t n,
+                                                              const float* hrows, int64_t r_total, const W* b,
+                                                              int64_t r_max, int64_t rank, int64_t s, int64_t c0,
+                                                              int64_t c1, float scale) {
+  const int64_t full = rank / 8 * 8, rem = rank - full;
+  float h_tail[kSmallRows][8] = {};
+  for (int64_t i = 0; i < cnt; ++i) {
+    for (int64_t u = 0; u < rem; ++u) h_tail[i][u] = hrows[i * r_total + s * r_max + full + u];
+  }
+  const __m256 vs = _mm256_set1_ps(scale);
+  int64_t c = c0;
+  for (; c + 8 <= c1; c += 8) {
+    for (int64_t i = 0; i < cnt; ++i) {
+      const float* hv = hrows + i * r_total + s * r_max;
+      __m256 acc[8];
+      for (int q = 0; q < 8; ++q) {
+        const W* row = b + (c + q) * r_max;
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t j = 0; j < full; j += 8) a = _mm256_fmadd_ps(load8(row + j), _mm256_loadu_ps(hv + j), a);
+        if (rem) {
+          float tail[8] = {};
+          for (int64_t u = 0; u < rem; ++u) tail[u] = to_acc(row[full + u]);
+          a = _mm256_fmadd_ps(_mm256_loadu_ps(tail), _mm256_loadu_ps(h_tail[i]), a);
+        }
+        acc[q] = a;
+      }
+      float* yv = yrows + i * n + c;
+      _mm256_storeu_ps(yv, _mm256_fmadd_ps(vs, sums8(acc), _mm256_loadu_ps(yv)));
+    }
+  }
+  return c;
+}
+
+inline bool available() {
+  static const bool value = detail::isa() != detail::Isa::generic && __builtin_cpu_supports("f16c");
+  return value;
+}
+
+}  // namespace avx2
+#endif
+
 // y rows [cnt, N] (accumulation type, contiguous) += scale * h rows [cnt, S*r_max] (contiguous) per
-// slice against b = the adapter's [N, r_max] in its stored type, columns j < rank only.
+// slice against b = the adapter's [N, r_max] in its stored type, columns j < rank only. float rows
+// take the AVX2 path where the CPU has it (the dot products there are short: rank, not K).
 template <typename A, typename W>
 void small_expand(A* yrows, int64_t cnt, int64_t n, const A* hrows, int64_t r_total, const W* b, int64_t r_max,
                   int64_t rank, const std::vector<int64_t>& off, A scale) {
   const int64_t slices = static_cast<int64_t>(off.size()) - 1;
   for (int64_t s = 0; s < slices; ++s) {
-    for (int64_t c = off[s]; c < off[s + 1]; ++c) {
-      const W* row = b + c * r_max;
-      for (int64_t i = 0; i < cnt; ++i) {
-        yrows[i * n + c] += scale * dot(hrows + i * r_total + s * r_max, row, rank);
-      }
+    int64_t c = off[s];
+#ifdef LORACUDA_X86_DISPATCH
+    if constexpr (std::is_same_v<A, float> && !std::is_same_v<W, double>) {
+      if (avx2::available()) c = avx2::expand_cols<W>(yrows, cnt, n, hrows, r_total, b, r_max, rank, s, c, off[s + 1], scale);
     }
+#endif
+    small_expand_cols<A, W>(yrows, cnt, n, hrows, r_total, b, r_max, rank, s, c, off[s + 1], scale);
   }
 }
 
