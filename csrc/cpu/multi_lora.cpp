@@ -31,6 +31,10 @@ namespace {
 // shorter runs join the adapter's gathered tokens, so that one GEMM covers them all.
 constexpr int64_t kMinRun = 4;
 
+// Rows per item of a run used in place: large enough that the GEMM runs at full speed, small enough
+// that a single adapter's prefill (thousands of tokens) still splits over the threads.
+constexpr int64_t kRunRows = 256;
+
 // Items of at most this many tokens are computed by the loops of small_shrink / small_expand.
 constexpr int64_t kSmallRows = 4;
 
@@ -48,8 +52,8 @@ struct Grouping {
 
 // Splits the tokens with id >= 0 and a non-zero rank into items: gathered ones of at most max_rows
 // tokens, contiguous ones of at most max_rows too, or, when `in_place` (float32 / float64 rows, used
-// as views without a buffer), of about a quarter of the tokens per thread, so that a long run is a
-// few large GEMMs that still spread over the threads.
+// as views without a buffer), of at most kRunRows, so that a long run is a few large GEMMs that
+// still spread over the threads. The split depends on the ids and sizes only, not on the thread count.
 Grouping group_tokens(const int32_t* ids, int64_t m, const int32_t* ranks, int64_t adapters, int64_t max_rows,
                       bool in_place) {
   // Counting sort: order holds the tokens adapter by adapter, ascending within an adapter.
@@ -66,9 +70,7 @@ Grouping group_tokens(const int32_t* ids, int64_t m, const int32_t* ranks, int64
     }
   }
 
-  const int64_t active = start[adapters];
-  const int64_t per_thread = (active + 4 * at::get_num_threads() - 1) / (4 * at::get_num_threads());
-  const int64_t run_rows = in_place ? std::max<int64_t>(max_rows, (per_thread + 7) / 8 * 8) : max_rows;
+  const int64_t run_rows = in_place ? std::max(max_rows, kRunRows) : max_rows;
 
   Grouping g;
   g.tokens.reserve(order.size());
