@@ -9,7 +9,8 @@
 // float64 for float64 values), using only the first `rank` rows (columns of lora_b_all) of each slice:
 // the padded rows beyond an adapter's rank are never read, whatever they hold.
 //
-// A group is an "item" of at most `block_rows` tokens of one adapter:
+// A group is an "item" of tokens of one adapter (at most block_rows of them, an L2-sized block, where
+// the rows go through a buffer; at most kRunRows where they are used in place):
 // - contiguous: a run of consecutive tokens (prefill: one sequence = one adapter). float32 / float64
 //   values are used in place as a row slice of x / y; bf16 / fp16 rows are converted block-wise.
 // - gathered: the adapter's tokens outside such runs, copied into a float32 block (its rows of x, or of
@@ -42,7 +43,7 @@ struct Item {
   int32_t adapter;
   bool contiguous;
   int64_t first;  // contiguous: the first token; gathered: offset of its tokens in Grouping::tokens
-  int64_t count;  // tokens, 1 .. max_rows
+  int64_t count;  // tokens, >= 1
 };
 
 struct Grouping {
