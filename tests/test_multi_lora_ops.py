@@ -105,10 +105,27 @@ def _grid() -> list[MultiCase]:
         for j, (dtype, adapter_dtype) in enumerate(pairs):
             cases.append(MultiCase(m, k, n, r, adapters, dtype, adapter_dtype, ID_PATTERNS[1 + (i + j) % 3], offsets,
                                    LAYOUTS[(i + j) % 3], "integers"))
+    # float32 / float64 rows are used in place: runs longer than one item (256 rows) and one adapter
+    # with both runs and scattered tokens.
+    cases += [
+        MultiCase(1000, 67, 45, 16, 5, F32, F32, "segments", (), "padded"),
+        MultiCase(1000, 13, 67, 8, 3, F64, F64, "segments", (0, 20, 45, 67), "transposed"),
+        MultiCase(1000, 67, 45, 16, 1, F32, F32, "random", (), "contiguous"),
+    ]
     return cases
 
 
 CASES = _grid()
+
+
+def _longest_run(ids: torch.Tensor) -> int:
+    """The longest run of one adapter id (>= 0) among consecutive tokens."""
+    best, run = 0, 0
+    for i, v in enumerate(ids.tolist()):
+        run = run + 1 if i > 0 and v == ids[i - 1] else 1
+        if v >= 0:
+            best = max(best, run)
+    return best
 
 
 def _params(cases):
@@ -286,6 +303,7 @@ def test_grid_covers_the_contract():
     assert all(c.k % 8 and c.n % 8 for c in CASES)
     distinct = next(c for c in CASES if c.ids == "distinct" and 1 < c.m <= c.adapters)
     assert len(set(adapter_ids(distinct).tolist())) == distinct.m
+    assert any(c.dtype in (F32, F64) and _longest_run(adapter_ids(c)) > 256 for c in CASES)
     padded = [c for c in CASES if c.r_max > 1 and bool((adapter_ranks(c) < c.r_max).any())]
     assert len(padded) > len(CASES) // 2
 
