@@ -120,9 +120,10 @@ CASES = _grid()
 
 def _longest_run(ids: torch.Tensor) -> int:
     """The longest run of one adapter id (>= 0) among consecutive tokens."""
+    values = ids.tolist()
     best, run = 0, 0
-    for i, v in enumerate(ids.tolist()):
-        run = run + 1 if i > 0 and v == ids[i - 1] else 1
+    for i, v in enumerate(values):
+        run = run + 1 if i > 0 and v == values[i - 1] else 1
         if v >= 0:
             best = max(best, run)
     return best
@@ -147,7 +148,7 @@ def _generator(case, salt: str) -> torch.Generator:
 def adapter_ids(case) -> torch.Tensor:
     """int32 [M] in [-1, L) by the case's pattern: "none" all -1; "random" uniform with about a quarter
     -1; "segments" runs of one id (prefill: one sequence, one adapter), some of them -1; "distinct"
-    neighbouring tokens never share an adapter (every token its own when M <= L)."""
+    the adapters in shuffled cycles of L (every token its own adapter when M <= L)."""
     g = _generator(case, "ids")
     m, adapters = case.m, case.adapters
     if case.ids == "none":
