@@ -7,19 +7,21 @@
 //
 // The host picks one of two paths from M alone:
 //  - decode (M <= kDecodeMaxRows: few tokens, typically each with its own adapter) is a gather
-//    matrix-vector product. Shrink gives one warp one work item (token, 16-row tile of its
+//    matrix-vector product. Shrink gives one warp one work item (token, 8-row tile of its
 //    adapter's a, range of K chunks) and splits K until the chip has enough warps; expand gives
 //    one thread 8 consecutive output columns of one token.
 //  - prefill (larger M: segments of tokens that share an adapter): a block owns a tile of 32
-//    tokens. When every token of the tile uses the same adapter (decided in the kernel from the
-//    ids) the adapter's tile is staged in shared memory once for all 32 rows, with the layouts of
-//    shrink.cu and expand.cu; otherwise each row does the decode path's per-row work.
+//    tokens (and 16 rows of a, or 256 columns of y). When every token of the tile uses the same
+//    adapter (decided in the kernel from the ids) the adapter's tile is staged in shared memory
+//    once for all 32 tokens, with the layouts of shrink.cu and expand.cu; otherwise each token does
+//    the decode path's per-token work. Shrink splits K here too when the tiles leave the chip idle.
 //
 // Split-K partials of shrink go to a workspace [splits, M, R] whose size depends on the shapes only;
 // a second kernel adds them in ascending split order: no float atomics, results repeat bit for bit.
 //
 // Remaining (not done here): tensor-core mma.sync on uniform prefill tiles (float32 FMA now); the
-// decode expand reads b from L1/L2 once per token instead of sharing it between tokens.
+// decode expand reads b from L1/L2 once per token instead of sharing it between tokens; the prefill
+// expand kernel takes 178 registers (one block of 8 warps per SM), where expand.cu's fits 128.
 #include "common.cuh"
 
 namespace loracuda {
