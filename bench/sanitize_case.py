@@ -4,8 +4,9 @@ Run with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so each tensor is its own cudaMalloc a
 its end is reported rather than landing in a neighbour of the caching allocator's pool.
 Covers: bf16 and fp32 activations, an fp32 adapter with bf16 activations, tails (sizes not
 multiples of 8 or 16), a row-strided output and an input whose data pointer is not 16-byte aligned
-(the kernels' scalar path), dropout, two slices, the exact merge / unmerge family and the layer's
-forward and backward. Exits non-zero (with the op's name) if an op raises.
+(the kernels' scalar path), dropout, two slices, the exact merge / unmerge family, the layer's
+forward and backward, and the multi-LoRA serving ops. Exits non-zero (with the op's name) if an op
+raises.
 """
 
 import sys
@@ -29,6 +30,38 @@ def step(name: str, fn) -> None:
 def misaligned(rows: int, cols: int, dtype: torch.dtype, device: str) -> torch.Tensor:
     """A contiguous [rows, cols] view starting one element into its buffer (not 16-byte aligned)."""
     return torch.randn(rows * cols + 1, device=device).to(dtype)[1:].view(rows, cols)
+
+
+def multi_lora_steps(tag: str, dtype: torch.dtype, adapter_dtype: torch.dtype, dev: str) -> None:
+    """multi_shrink / multi_expand_add_ on both paths (decode: M <= 64, prefill: larger M), with ranks
+    below r_max and 0, ids of -1 and outside [0, L) (no adapter on CUDA: nothing may be read through
+    them), two slices; odd sizes (scalar loads), then sizes that allow 16-byte loads, with their tails,
+    a misaligned x and a row-strided y."""
+    scales = torch.tensor([0.5, 2.0, -1.0], device=dev)
+    pattern = torch.tensor([0, 2, -1, 1, 7, 0, -5, 2], dtype=torch.int32)
+    for k, n, r_max, vector_sizes in ((203, 129, 5, False), (264, 136, 16, True)):
+        ranks = torch.tensor([r_max, 0, 3], dtype=torch.int32, device=dev)
+        a_all = (torch.randn(3, 2 * r_max, k, device=dev) / k**0.5).to(adapter_dtype)
+        b_all = (torch.randn(3, n, r_max, device=dev) * 0.1).to(adapter_dtype)
+        for path, m in (("decode", 37), ("prefill", 150)):
+            name = f"{path} K={k} N={n} r_max={r_max} {tag}"
+            ids = pattern.repeat(m // len(pattern) + 1)[:m].clone()
+            ids[64:128] = 2  # prefill: two whole 32-token tiles of one adapter (the shared-tile path)
+            ids = ids.to(dev)
+            x = torch.randn(m, k, device=dev).to(dtype)
+            step(f"multi_shrink {name}", lambda: ops.multi_shrink(x, a_all, ranks, ids, 2))
+            h = ops.multi_shrink(x, a_all, ranks, ids, 2)
+            y = torch.randn(m, n, device=dev).to(dtype)
+            step(f"multi_expand_add_ two slices {name}",
+                 lambda: ops.multi_expand_add_(y, h, b_all, scales, ranks, ids, [0, 60, n]))
+            if not vector_sizes:
+                continue
+            step(f"multi_shrink misaligned x {name}",
+                 lambda: ops.multi_shrink(misaligned(m, k, dtype, dev), a_all, ranks, ids, 2))
+            h1 = ops.multi_shrink(x, a_all[:, :r_max].contiguous(), ranks, ids, 1)
+            wide = torch.randn(m, n + 11, device=dev).to(dtype)
+            step(f"multi_expand_add_ row-strided y {name}",
+                 lambda: ops.multi_expand_add_(wide[:, :n], h1, b_all, scales, ranks, ids))
 
 
 def main() -> int:
@@ -83,6 +116,7 @@ def main() -> int:
             out.backward(torch.ones_like(out))
 
         step(f"lora_linear forward+backward {tag}", layer)
+        multi_lora_steps(tag, dtype, adapter_dtype, dev)
     print("sanitize_case: all ops ran")
     return 0
 

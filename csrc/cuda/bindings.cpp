@@ -303,6 +303,82 @@ std::tuple<Tensor, Tensor> backward_cuda(const Tensor& grad_y_in, const Tensor& 
   return {grad_a, grad_b};
 }
 
+// ---- multi-LoRA serving -----------------------------------------------------------------------------
+// No host synchronisation: the values of ranks and adapter_ids are not read here (the kernels clamp
+// ranks and treat ids outside [0, L) as no adapter), and the workspace size depends on shapes only,
+// so both ops can be captured in a CUDA graph.
+
+Tensor multi_shrink_cuda(const Tensor& x_in, const Tensor& lora_a_all, const Tensor& ranks, const Tensor& adapter_ids,
+                         int64_t num_slices) {
+  const char* op = "multi_shrink";
+  check_multi_shrink_args(x_in, lora_a_all, ranks, adapter_ids, num_slices);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const Tensor x = unit_columns(x_in);
+  const int64_t m = x.size(0), k = x.size(1), rank = lora_a_all.size(1);
+  Tensor h = at::empty({m, rank}, x.options().dtype(at::kFloat));
+  if (m == 0) return h;
+
+  kc::MultiShrinkParams p;
+  p.x = x.data_ptr();
+  p.x_row_stride = row_stride(x);
+  p.x_dtype = kernel_dtype(x, op, "x");
+  p.a = lora_a_all.data_ptr();  // contiguous (checked)
+  p.a_dtype = kernel_dtype(lora_a_all, op, "lora_a_all");
+  p.ranks = ranks.data_ptr<int32_t>();
+  p.adapter_ids = adapter_ids.data_ptr<int32_t>();
+  p.h = h.data_ptr<float>();
+  p.m = m;
+  p.k = k;
+  p.rank = rank;
+  p.r_max = rank / num_slices;
+  p.num_adapters = lora_a_all.size(0);
+  p.num_sms = num_sms();
+  p.stream = at::cuda::getCurrentCUDAStream().stream();
+  Tensor workspace;
+  const int64_t floats = kc::multi_shrink_workspace_floats(p);
+  if (floats > 0) {
+    workspace = at::empty({floats}, x.options().dtype(at::kFloat));
+    p.workspace = workspace.data_ptr<float>();
+    p.workspace_floats = floats;
+  }
+  C10_CUDA_CHECK(kc::launch_multi_shrink(p));
+  return h;
+}
+
+void multi_expand_add_cuda(Tensor& y, const Tensor& h_in, const Tensor& lora_b_all, const Tensor& scales,
+                           const Tensor& ranks, const Tensor& adapter_ids, at::IntArrayRef slice_offsets) {
+  const char* op = "multi_expand_add_";
+  const auto offsets = check_multi_expand_add_args(y, h_in, lora_b_all, scales, ranks, adapter_ids, slice_offsets);
+  check_slice_count(offsets, op);
+  const c10::cuda::CUDAGuard guard(y.device());
+  const int64_t m = y.size(0), n = y.size(1);
+  if (m == 0 || n == 0) return;
+  const Tensor h = h_in.contiguous();
+  // A one-row y may have any column stride (csrc/checks.h): update a unit-stride copy, copy back.
+  Tensor target = y.size(1) <= 1 || y.stride(1) == 1 ? y : y.contiguous();
+
+  kc::MultiExpandParams p;
+  p.y = target.data_ptr();
+  p.y_row_stride = row_stride(target);
+  p.y_dtype = kernel_dtype(target, op, "y");
+  p.h = h.data_ptr<float>();
+  p.b = lora_b_all.data_ptr();  // contiguous (checked)
+  p.b_dtype = kernel_dtype(lora_b_all, op, "lora_b_all");
+  p.scales = scales.data_ptr<float>();
+  p.ranks = ranks.data_ptr<int32_t>();
+  p.adapter_ids = adapter_ids.data_ptr<int32_t>();
+  p.m = m;
+  p.n = n;
+  p.r_max = lora_b_all.size(2);
+  p.num_adapters = lora_b_all.size(0);
+  p.num_slices = static_cast<int>(offsets.size()) - 1;
+  copy_offsets(offsets, p.slice_offsets);
+  p.num_sms = num_sms();
+  p.stream = at::cuda::getCurrentCUDAStream().stream();
+  C10_CUDA_CHECK(kc::launch_multi_expand_add(p));
+  if (!target.is_same(y)) y.copy_(target);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(loracuda, CUDA, m) {
@@ -313,6 +389,8 @@ TORCH_LIBRARY_IMPL(loracuda, CUDA, m) {
   m.impl("unmerge_exact_", &unmerge_exact_cuda);
   m.impl("merge_exact_", &merge_exact_cuda);
   m.impl("backward", &backward_cuda);
+  m.impl("multi_shrink", &multi_shrink_cuda);
+  m.impl("multi_expand_add_", &multi_expand_add_cuda);
 }
 
 }  // namespace loracuda

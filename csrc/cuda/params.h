@@ -121,14 +121,61 @@ struct BackwardParams {
   cudaStream_t stream = nullptr;
 };
 
-// Launchers (csrc/cuda/{shrink,expand,merge,backward}.cu). The *_workspace_floats functions tell the
-// binding how much scratch to allocate (through the caching allocator) before the launch.
+// Multi-LoRA serving (csrc/cuda/multi_lora.cu): L stacked adapters, one adapter id per token.
+// An id outside [0, L) (or -1) means no adapter; ranks are clamped to [0, r_max]. Neither is checked
+// on the host (that would read device memory), and no memory is accessed through an invalid id.
+//
+// h [M, R] float32 contiguous, R = S * r_max: h[m, i*r_max + j] = x[m] . a[id_m, i*r_max + j] for
+// j < rank(id_m), 0 for the other columns and for every column of a row without an adapter.
+struct MultiShrinkParams {
+  const void* x = nullptr;
+  int64_t x_row_stride = 0;            // elements between rows of x; x's column stride is 1
+  DType x_dtype = DType::kFloat32;
+  const void* a = nullptr;             // [L, R, K] contiguous
+  DType a_dtype = DType::kFloat32;
+  const int32_t* ranks = nullptr;      // [L]
+  const int32_t* adapter_ids = nullptr;  // [M]
+  float* h = nullptr;
+  int64_t m = 0, k = 0, rank = 0;      // rank = R = S * r_max
+  int64_t r_max = 0;                   // rows of one slice of one adapter
+  int64_t num_adapters = 0;            // L
+  float* workspace = nullptr;          // split-K partials, workspace_floats floats (may be null)
+  int64_t workspace_floats = 0;
+  int num_sms = 0;
+  cudaStream_t stream = nullptr;
+};
+
+// y [M, N] (row stride y_row_stride) += scales[id_m] * h[m, i*r_max + j] * b[id_m, n, j] summed over
+// j < rank(id_m), for n in slice i = [off[i], off[i+1]); rows without an adapter are not written.
+struct MultiExpandParams {
+  void* y = nullptr;
+  int64_t y_row_stride = 0;
+  DType y_dtype = DType::kFloat32;
+  const float* h = nullptr;            // [M, S*r_max] contiguous float32
+  const void* b = nullptr;             // [L, N, r_max] contiguous
+  DType b_dtype = DType::kFloat32;
+  const float* scales = nullptr;       // [L]
+  const int32_t* ranks = nullptr;      // [L]
+  const int32_t* adapter_ids = nullptr;  // [M]
+  int64_t m = 0, n = 0, r_max = 0, num_adapters = 0;
+  int num_slices = 1;
+  int64_t slice_offsets[kMaxSlices + 1] = {0};
+  int num_sms = 0;
+  cudaStream_t stream = nullptr;
+};
+
+// Launchers (csrc/cuda/{shrink,expand,merge,backward,multi_lora}.cu). The *_workspace_floats
+// functions tell the binding how much scratch to allocate (through the caching allocator) before
+// the launch.
 int64_t shrink_workspace_floats(const ShrinkParams& p);
 cudaError_t launch_shrink(const ShrinkParams& p);
 cudaError_t launch_expand_add(const ExpandParams& p);
 cudaError_t launch_merge(const MergeParams& p);
 int64_t backward_workspace_floats(const BackwardParams& p);
 cudaError_t launch_backward(const BackwardParams& p);
+int64_t multi_shrink_workspace_floats(const MultiShrinkParams& p);
+cudaError_t launch_multi_shrink(const MultiShrinkParams& p);
+cudaError_t launch_multi_expand_add(const MultiExpandParams& p);
 
 }  // namespace cuda
 }  // namespace loracuda
