@@ -391,7 +391,9 @@ __global__ void __launch_bounds__(kDecodeExpandThreads)
 // 16: b's [256 x 16] chunk and h's [32 x S x 16] chunk are staged in shared memory as float32 and
 // every thread accumulates its 4 x 8 outputs in registers, as in expand.cu.
 template <typename TY, typename TB>
-__global__ void __launch_bounds__(kPrefillThreads)
+// One resident block per SM, said explicitly: without the minimum, ptxas for sm_80 capped the bf16 /
+// fp16 variants at 128 registers and spilled (about 180-226 are needed; see the file header).
+__global__ void __launch_bounds__(kPrefillThreads, 1)
     multi_expand_prefill_kernel(const MultiExpandParams p, bool y_vec, bool b_vec, bool h_vec) {
   __shared__ __align__(16) float b_s[kBlockCols * kBStride];
   __shared__ __align__(16) float h_s[kTileRows * kMaxSlices * kRankChunk];
