@@ -197,6 +197,8 @@ def multi_expand_add(
     keep = _rank_mask(ranks, ids, r_max, len(spans))
     hh = torch.where(keep, h.to(dtype), torch.zeros((), dtype=dtype, device=h.device))
     b = lora_b_all.to(dtype)[ids.clamp(min=0)]  # [M, N, r_max]
+    # Columns beyond the token's rank count as zero whatever they hold (0 * NaN would be NaN).
+    b = torch.where(_rank_mask(ranks, ids, r_max, 1)[:, None, :], b, torch.zeros((), dtype=dtype, device=b.device))
     s = torch.where(ids >= 0, scales.to(dtype)[ids.clamp(min=0)], torch.zeros((), dtype=dtype, device=ids.device))
     out = y.to(dtype).clone()
     for i, (start, end) in enumerate(spans):
