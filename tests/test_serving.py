@@ -13,6 +13,7 @@
 import contextlib
 import copy
 import os
+import threading
 
 import peft
 import pytest
@@ -367,6 +368,21 @@ def test_errors_leave_the_pool_unchanged(tmp_path, device_name):
             pool.unload(1)
         with pytest.raises(ValueError, match="2 per-sequence adapter ids"):
             out(pool.model, token_batch(batch=3, length=LENGTH).to(device))
+    # Another thread opening a batch of the same pool while one is open.
+    errors = []
+
+    def other_thread():
+        try:
+            with pool.batch(torch.tensor([1, 1])):
+                pass
+        except RuntimeError as error:
+            errors.append(str(error))
+
+    with pool.batch(torch.tensor([1, -1])):
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+    assert len(errors) == 1 and "already open" in errors[0]
     with pool.batch(torch.ones(2, LENGTH + 1, dtype=torch.long)):
         with pytest.raises(ValueError, match="per-token adapter ids of shape"):
             out(pool.model, tokens)

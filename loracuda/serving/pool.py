@@ -16,8 +16,9 @@ everything before the first write, so a failure leaves every slot as it was. Rel
 in place, so a compiled model keeps its graph.
 
 Batches: ``pool.batch(ids)`` validates the ids (integers in [-1, max_adapters), every id >= 0 a
-loaded slot) on entry: on the host for CPU ids; a CUDA ids tensor costs one device synchronisation
-there, outside the model's (possibly compiled) forward, and none afterwards. The ids are converted to
+loaded slot) on entry, on the host: CPU ids as they are (then copied to a CUDA model without
+blocking), a CUDA ids tensor after one copy to the host, the one device synchronisation of a batch,
+made at entry, outside the model's (possibly compiled) forward. The ids are converted to
 int32 on the model's device and read by every pooled layer from one shared tensor, which a compiled
 graph takes as an input: new ids of the same shape do not recompile. Batches do not nest, one pool
 serves one batch at a time, and slots cannot be loaded or unloaded while a batch is open (each is a
@@ -242,20 +243,26 @@ class AdapterPool:
         if adapter_ids.dim() not in (1, 2):
             raise ValueError(f"{what} must be [batch] (per sequence) or [batch, seq] (per token), got shape {list(adapter_ids.shape)}")
         ids = adapter_ids.detach()
-        loaded = torch.tensor([s is not None for s in self._sources], dtype=torch.bool)
-        if ids.numel():
-            flat = ids.reshape(-1).long()
-            in_range = (flat >= -1) & (flat < self.max_adapters)
-            slot_ok = loaded.to(flat.device)[flat.clamp(0, self.max_adapters - 1)] | (flat == -1)
-            # One device-to-host transfer: the single synchronisation for CUDA ids.
-            range_bad, slot_bad = torch.stack([(~in_range).any(), (~(in_range & slot_ok)).any()]).tolist()
-            if range_bad:
-                value = int(flat[~in_range][0])
-                raise ValueError(f"{what} holds {value}; ids must be in [-1, max_adapters = {self.max_adapters}) (-1: base model)")
-            if slot_bad:
-                value = int(flat[~(in_range & slot_ok)][0])
-                raise ValueError(f"{what} holds {value}, but slot {value} is not loaded (loaded: {sorted(self.slots)})")
-        return ids.to(device=self._device(), dtype=torch.int32).contiguous()
+        # The checks run on the host: CPU ids as they are, CUDA ids after one copy to the host (the
+        # one synchronisation of a batch; none happens inside the forward).
+        host = ids if ids.device.type == "cpu" else ids.cpu()
+        flat = host.reshape(-1).long()
+        bad = flat[(flat < -1) | (flat >= self.max_adapters)]
+        if bad.numel():
+            raise ValueError(f"{what} holds {int(bad[0])}; ids must be in [-1, max_adapters = {self.max_adapters}) (-1: base model)")
+        loaded = torch.tensor([s is not None for s in self._sources] + [True])  # index -1: no adapter
+        unloaded = flat[~loaded[flat]]
+        if unloaded.numel():
+            value = int(unloaded[0])
+            raise ValueError(f"{what} holds {value}, but slot {value} is not loaded (loaded: {sorted(self.slots)})")
+        # Always an own copy: a caller changing its tensor during the batch cannot bypass the checks.
+        device = self._device()
+        if ids.device == device:
+            return ids.to(torch.int32, copy=True).contiguous()
+        if device.type == "cuda" and ids.device.type == "cpu":
+            # From pinned memory without blocking: the copy is queued on the current stream, no sync.
+            return host.to(torch.int32).contiguous().pin_memory().to(device, non_blocking=True)
+        return ids.to(device=device, dtype=torch.int32).contiguous()
 
     @contextlib.contextmanager
     def batch(self, adapter_ids: Tensor) -> Iterator["AdapterPool"]:
