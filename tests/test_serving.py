@@ -87,7 +87,7 @@ def assert_pool_unchanged(pool: AdapterPool, before: dict, slots: dict, context:
 # ---- mixed batches against PEFT and against each sequence alone ---------------------------------
 
 
-def mixed_case(tmp_path, model_name: str, n: int, device):
+def mixed_case(tmp_path, model_name: str, n: int, device, length: int = LENGTH):
     """(base model, pool with n adapters, folders, adapter index per sequence (-1: none), tokens)."""
     base = BUILDERS[model_name]()
     folders = [save(tmp_path, base, adapter_config(model_name, i), seed=100 + i, name=f"a{i}") for i in range(n)]
@@ -95,7 +95,7 @@ def mixed_case(tmp_path, model_name: str, n: int, device):
     which = list(range(n)) + [-1, 0]
     order = torch.randperm(len(which), generator=torch.Generator().manual_seed(n)).tolist()
     which = [which[j] for j in order]
-    tokens = token_batch(batch=len(which), length=LENGTH, seed=n)
+    tokens = token_batch(batch=len(which), length=length, seed=n)
     pool = AdapterPool(copy.deepcopy(base).to(device), max_adapters=MAX_ADAPTERS, max_rank=MAX_RANK)
     for i, folder in enumerate(folders):
         assert pool.load(folder, slot=slot_of(i)) == slot_of(i)
@@ -113,10 +113,13 @@ def peft_mixed(base, folders, which, tokens, dtype, device) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("device_name", DEVICES)
-@pytest.mark.parametrize("model_name,n", [("llama", 1), ("llama", 8), ("llama", 64), ("gpt2", 5)])
-def test_mixed_batch_matches_peft_and_each_sequence_alone(tmp_path, device_name, model_name, n):
+@pytest.mark.parametrize(
+    "model_name,n,length", [("llama", 1, LENGTH), ("llama", 8, LENGTH), ("llama", 8, 1), ("llama", 64, LENGTH), ("gpt2", 5, LENGTH)]
+)
+def test_mixed_batch_matches_peft_and_each_sequence_alone(tmp_path, device_name, model_name, n, length):
+    """length 1: one token per sequence, the decode step's shape."""
     device = use_device(device_name, *OPS)
-    base, pool, folders, which, tokens = mixed_case(tmp_path, model_name, n, device)
+    base, pool, folders, which, tokens = mixed_case(tmp_path, model_name, n, device, length)
     ids = torch.tensor([slot_of(i) if i >= 0 else -1 for i in which])
     with pool.batch(ids):
         ours = out(pool.model, tokens.to(device)).double().cpu()
@@ -463,3 +466,32 @@ def test_compile_fullgraph_no_recompile(tmp_path, model_name):
         assert len(graphs) == 1, f"{len(graphs)} graphs compiled; new ids or a new slot must not recompile"
     finally:
         torch._dynamo.reset()
+
+
+# ---- the serving benchmark suite ---------------------------------------------------------------------
+
+
+def test_bench_serving_suite_runs_and_writes_json(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, LORACUDA_BENCH_TINY="1")
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    path = tmp_path / "serving.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "loracuda.cli.main", "bench", "--suite", "serving", "--quick", "--json", str(path)],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    cases = json.loads(path.read_text())["cases"]
+    assert [c["shape"]["adapters"] for c in cases] == [1, 4]
+    for case in cases:
+        assert case["suite"] == "serving" and case["baseline"] == "base"
+        assert set(case["results"]) == {"loracuda", "base", "peft"}
+        for name, entry in case["results"].items():
+            assert "error" not in entry, (name, entry)
+            assert entry["median_ms"] > 0 and entry["x_base"] > 0
+        assert case["results"]["base"]["x_base"] == pytest.approx(1.0)
+        assert case["id"] in proc.stdout
