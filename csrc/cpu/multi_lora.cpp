@@ -9,11 +9,15 @@
 // float64 for float64 values), using only the first `rank` rows (columns of lora_b_all) of each slice:
 // the padded rows beyond an adapter's rank are never read, whatever they hold.
 //
-// A group is an "item" of at most `block_rows` tokens of one adapter:
+// A group is an "item" of tokens of one adapter (at most block_rows of them, an L2-sized block, where
+// the rows go through a buffer; at most kRunRows where they are used in place):
 // - contiguous: a run of consecutive tokens (prefill: one sequence = one adapter). float32 / float64
 //   values are used in place as a row slice of x / y; bf16 / fp16 rows are converted block-wise.
 // - gathered: the adapter's tokens outside such runs, copied into a float32 block (its rows of x, or of
 //   h and y), computed there and scattered back.
+// - small: an item of at most kSmallRows tokens (decode: many adapters, a token or two each) skips
+//   ATen altogether: plain loops over the adapter's rows (read in their stored dtype, no converted
+//   copy), which costs less than the dispatch of a GEMM on so few rows.
 // Items are independent (each writes its own rows of h or y), so they run in parallel.
 #include <torch/library.h>
 
@@ -28,11 +32,18 @@ namespace {
 // shorter runs join the adapter's gathered tokens, so that one GEMM covers them all.
 constexpr int64_t kMinRun = 4;
 
+// Rows per item of a run used in place: large enough that the GEMM runs at full speed, small enough
+// that a single adapter's prefill (thousands of tokens) still splits over the threads.
+constexpr int64_t kRunRows = 256;
+
+// Items of at most this many tokens are computed by the loops of small_shrink / small_expand.
+constexpr int64_t kSmallRows = 4;
+
 struct Item {
   int32_t adapter;
   bool contiguous;
   int64_t first;  // contiguous: the first token; gathered: offset of its tokens in Grouping::tokens
-  int64_t count;  // tokens, 1 .. max_rows
+  int64_t count;  // tokens, >= 1
 };
 
 struct Grouping {
@@ -40,8 +51,12 @@ struct Grouping {
   std::vector<Item> items;      // adapter by adapter (items of one adapter are consecutive)
 };
 
-// Splits the tokens with id >= 0 and a non-zero rank into items of at most max_rows tokens.
-Grouping group_tokens(const int32_t* ids, int64_t m, const int32_t* ranks, int64_t adapters, int64_t max_rows) {
+// Splits the tokens with id >= 0 and a non-zero rank into items: gathered ones of at most max_rows
+// tokens, contiguous ones of at most max_rows too, or, when `in_place` (float32 / float64 rows, used
+// as views without a buffer), of at most kRunRows, so that a long run is a few large GEMMs that
+// still spread over the threads. The split depends on the ids and sizes only, not on the thread count.
+Grouping group_tokens(const int32_t* ids, int64_t m, const int32_t* ranks, int64_t adapters, int64_t max_rows,
+                      bool in_place) {
   // Counting sort: order holds the tokens adapter by adapter, ascending within an adapter.
   std::vector<int64_t> start(static_cast<size_t>(adapters + 1), 0);
   for (int64_t t = 0; t < m; ++t) {
@@ -56,6 +71,8 @@ Grouping group_tokens(const int32_t* ids, int64_t m, const int32_t* ranks, int64
     }
   }
 
+  const int64_t run_rows = in_place ? std::max(max_rows, kRunRows) : max_rows;
+
   Grouping g;
   g.tokens.reserve(order.size());
   for (int64_t l = 0; l < adapters; ++l) {
@@ -65,8 +82,8 @@ Grouping group_tokens(const int32_t* ids, int64_t m, const int32_t* ranks, int64
       int64_t j = i + 1;
       while (j < start[l + 1] && order[j] == order[j - 1] + 1) ++j;
       if (j - i >= kMinRun) {
-        for (int64_t t0 = order[i]; t0 <= order[j - 1]; t0 += max_rows) {
-          g.items.push_back({static_cast<int32_t>(l), true, t0, std::min(max_rows, order[j - 1] + 1 - t0)});
+        for (int64_t t0 = order[i]; t0 <= order[j - 1]; t0 += run_rows) {
+          g.items.push_back({static_cast<int32_t>(l), true, t0, std::min(run_rows, order[j - 1] + 1 - t0)});
         }
       } else {
         g.tokens.insert(g.tokens.end(), order.begin() + i, order.begin() + j);
@@ -120,6 +137,133 @@ class AdapterCache {
   Tensor value_;
 };
 
+// ---- the loops of small items -------------------------------------------------------------------
+
+// sum_i x[i] * w[i] for i < n in the accumulation type A: x already in A, w in its stored type W
+// (widened exactly). kLanes independent partial sums (the compiler keeps them in vector registers),
+// then added pairwise.
+template <typename A, typename W>
+inline A dot(const A* x, const W* w, int64_t n) {
+  constexpr int kLanes = 8;
+  A part[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) part[l] += x[i + l] * static_cast<A>(to_acc(w[i + l]));
+  }
+  for (int l = 0; i < n; ++i, ++l) part[l] += x[i] * static_cast<A>(to_acc(w[i]));
+  for (int width = kLanes / 2; width >= 1; width /= 2) {
+    for (int l = 0; l < width; ++l) part[l] += part[l + width];
+  }
+  return part[0];
+}
+
+// h rows of `cnt` tokens of one adapter: xrows [cnt, K] (accumulation type, contiguous);
+// a = the adapter's [S*r_max, K] rows in their stored type; out[i] = h's row of token i.
+template <typename A, typename W>
+void small_shrink(const A* xrows, int64_t cnt, int64_t k, const W* a, int64_t slices, int64_t r_max, int64_t rank,
+                  A* const* out) {
+  for (int64_t s = 0; s < slices; ++s) {
+    for (int64_t j = 0; j < rank; ++j) {
+      const W* row = a + (s * r_max + j) * k;  // read once from memory, then from L1 for the other tokens
+      for (int64_t i = 0; i < cnt; ++i) out[i][s * r_max + j] = dot(xrows + i * k, row, k);
+    }
+  }
+}
+
+// Columns [c0, c1) of slice s of small_expand (below), one dot product of length `rank` each.
+template <typename A, typename W>
+void small_expand_cols(A* yrows, int64_t cnt, int64_t n, const A* hrows, int64_t r_total, const W* b, int64_t r_max,
+                       int64_t rank, int64_t s, int64_t c0, int64_t c1, A scale) {
+  for (int64_t c = c0; c < c1; ++c) {
+    const W* row = b + c * r_max;
+    for (int64_t i = 0; i < cnt; ++i) yrows[i * n + c] += scale * dot(hrows + i * r_total + s * r_max, row, rank);
+  }
+}
+
+#ifdef LORACUDA_X86_DISPATCH
+namespace avx2 {
+
+// 8 consecutive adapter values widened to float.
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));  // exact: bf16 is float's top half
+}
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));  // exact
+}
+
+// The 8 horizontal sums of v[0..7] as one vector: lane q = v[q][0] + ... + v[q][7].
+__attribute__((target("avx2,fma,f16c"))) inline __m256 sums8(const __m256* v) {
+  const __m256 lo = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 hi = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+
+// small_expand_cols for float rows over whole blocks of 8 columns from c0; returns the first column
+// not done (the caller finishes the < 8 left). Each column's dot runs over `rank` in 8-lane chunks
+// (a scalar-filled, zero-padded chunk for rank % 8, so the padding beyond rank is never read), the 8
+// columns' sums are reduced together, and y += scale * sum is one fused multiply-add.
+template <typename W>
+__attribute__((target("avx2,fma,f16c"))) int64_t expand_cols(float* yrows, int64_t cnt, int64_t n,
+                                                              const float* hrows, int64_t r_total, const W* b,
+                                                              int64_t r_max, int64_t rank, int64_t s, int64_t c0,
+                                                              int64_t c1, float scale) {
+  const int64_t full = rank / 8 * 8, rem = rank - full;
+  float h_tail[kSmallRows][8] = {};
+  for (int64_t i = 0; i < cnt; ++i) {
+    for (int64_t u = 0; u < rem; ++u) h_tail[i][u] = hrows[i * r_total + s * r_max + full + u];
+  }
+  const __m256 vs = _mm256_set1_ps(scale);
+  int64_t c = c0;
+  for (; c + 8 <= c1; c += 8) {
+    for (int64_t i = 0; i < cnt; ++i) {
+      const float* hv = hrows + i * r_total + s * r_max;
+      __m256 acc[8];
+      for (int q = 0; q < 8; ++q) {
+        const W* row = b + (c + q) * r_max;
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t j = 0; j < full; j += 8) a = _mm256_fmadd_ps(load8(row + j), _mm256_loadu_ps(hv + j), a);
+        if (rem) {
+          float tail[8] = {};
+          for (int64_t u = 0; u < rem; ++u) tail[u] = to_acc(row[full + u]);
+          a = _mm256_fmadd_ps(_mm256_loadu_ps(tail), _mm256_loadu_ps(h_tail[i]), a);
+        }
+        acc[q] = a;
+      }
+      float* yv = yrows + i * n + c;
+      _mm256_storeu_ps(yv, _mm256_fmadd_ps(vs, sums8(acc), _mm256_loadu_ps(yv)));
+    }
+  }
+  return c;
+}
+
+inline bool available() {
+  static const bool value = detail::isa() != detail::Isa::generic && __builtin_cpu_supports("f16c");
+  return value;
+}
+
+}  // namespace avx2
+#endif
+
+// y rows [cnt, N] (accumulation type, contiguous) += scale * h rows [cnt, S*r_max] (contiguous) per
+// slice against b = the adapter's [N, r_max] in its stored type, columns j < rank only. float rows
+// take the AVX2 path where the CPU has it (the dot products there are short: rank, not K).
+template <typename A, typename W>
+void small_expand(A* yrows, int64_t cnt, int64_t n, const A* hrows, int64_t r_total, const W* b, int64_t r_max,
+                  int64_t rank, const std::vector<int64_t>& off, A scale) {
+  const int64_t slices = static_cast<int64_t>(off.size()) - 1;
+  for (int64_t s = 0; s < slices; ++s) {
+    int64_t c = off[s];
+#ifdef LORACUDA_X86_DISPATCH
+    if constexpr (std::is_same_v<A, float> && !std::is_same_v<W, double>) {
+      if (avx2::available()) c = avx2::expand_cols<W>(yrows, cnt, n, hrows, r_total, b, r_max, rank, s, c, off[s + 1], scale);
+    }
+#endif
+    small_expand_cols<A, W>(yrows, cnt, n, hrows, r_total, b, r_max, rank, s, c, off[s + 1], scale);
+  }
+}
+
 // ---- multi_shrink -------------------------------------------------------------------------------
 
 Tensor multi_shrink(const Tensor& x, const Tensor& lora_a_all, const Tensor& ranks, const Tensor& adapter_ids,
@@ -135,11 +279,11 @@ Tensor multi_shrink(const Tensor& x, const Tensor& lora_a_all, const Tensor& ran
   Tensor h = at::zeros({m, r_total}, x.options().dtype(acc));
   if (m == 0) return h;
 
+  const bool wide = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
   const int32_t* rp = ranks.const_data_ptr<int32_t>();
   const int64_t bm = block_rows(k, x.scalar_type() == at::kDouble ? 8 : 4);
-  const Grouping g = group_tokens(adapter_ids.const_data_ptr<int32_t>(), m, rp, lora_a_all.size(0), bm);
+  const Grouping g = group_tokens(adapter_ids.const_data_ptr<int32_t>(), m, rp, lora_a_all.size(0), bm, wide);
   if (g.items.empty()) return h;
-  const bool wide = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
 
   dispatch_value_type(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -155,19 +299,23 @@ Tensor multi_shrink(const Tensor& x, const Tensor& lora_a_all, const Tensor& ran
       for (int64_t it = i0; it < i1; ++it) {
         const Item& item = g.items[it];
         const int64_t rank = rp[item.adapter], cnt = item.count;
-        const Tensor a = cache.slice_rows(item.adapter, num_slices, rank);  // [S, rank, K]
-        // The item's rows of x, in the accumulation dtype.
-        Tensor xin;
-        if (item.contiguous && wide) {
-          xin = x.narrow(0, item.first, cnt);
-        } else {
+        auto token = [&](int64_t i) { return item.contiguous ? item.first + i : g.tokens[item.first + i]; };
+        const bool in_place = item.contiguous && wide && cnt > kSmallRows;
+        if (!in_place) {  // the item's rows of x, in the accumulation dtype
           xbuf.resize(static_cast<size_t>(bm * k));
-          for (int64_t i = 0; i < cnt; ++i) {
-            const int64_t t = item.contiguous ? item.first + i : g.tokens[item.first + i];
-            load_row(xp + t * xrs, xcs, k, xbuf.data() + i * k);
-          }
-          xin = at::from_blob(xbuf.data(), {cnt, k}, opts);
+          for (int64_t i = 0; i < cnt; ++i) load_row(xp + token(i) * xrs, xcs, k, xbuf.data() + i * k);
         }
+        if (cnt <= kSmallRows) {
+          A* out[kSmallRows];
+          for (int64_t i = 0; i < cnt; ++i) out[i] = hp + token(i) * r_total;
+          dispatch_value_type(lora_a_all.scalar_type(), [&](auto wtag) {
+            using W = decltype(wtag);
+            const W* a = lora_a_all.const_data_ptr<W>() + static_cast<int64_t>(item.adapter) * r_total * k;
+            small_shrink<A, W>(xbuf.data(), cnt, k, a, num_slices, r_max, rank, out);
+          });
+          continue;
+        }
+        const Tensor xin = in_place ? x.narrow(0, item.first, cnt) : at::from_blob(xbuf.data(), {cnt, k}, opts);
         // Its rows of h: in place for a contiguous item, else a block scattered afterwards.
         Tensor hout;
         if (item.contiguous) {
@@ -176,15 +324,19 @@ Tensor multi_shrink(const Tensor& x, const Tensor& lora_a_all, const Tensor& ran
           hbuf.resize(static_cast<size_t>(bm * r_total));
           hout = at::from_blob(hbuf.data(), {cnt, r_total}, opts);
         }
-        for (int64_t s = 0; s < num_slices; ++s) {
-          Tensor out = hout.narrow(1, s * r_max, rank);
-          at::mm_out(out, xin, a.select(0, s).t());
+        if (rank == r_max && lora_a_all.scalar_type() == acc) {  // every row used: one GEMM for all slices
+          at::mm_out(hout, xin, lora_a_all.select(0, item.adapter).t());
+        } else {
+          const Tensor a = cache.slice_rows(item.adapter, num_slices, rank);  // [S, rank, K]
+          for (int64_t s = 0; s < num_slices; ++s) {
+            Tensor out = hout.narrow(1, s * r_max, rank);
+            at::mm_out(out, xin, a.select(0, s).t());
+          }
         }
         if (!item.contiguous) {
           for (int64_t i = 0; i < cnt; ++i) {
-            const int64_t t = g.tokens[item.first + i];
             for (int64_t s = 0; s < num_slices; ++s) {
-              std::memcpy(hp + t * r_total + s * r_max, hbuf.data() + i * r_total + s * r_max,
+              std::memcpy(hp + token(i) * r_total + s * r_max, hbuf.data() + i * r_total + s * r_max,
                           static_cast<size_t>(rank) * sizeof(A));
             }
           }
@@ -209,12 +361,12 @@ void multi_expand_add_(Tensor& y, const Tensor& h, const Tensor& lora_b_all, con
   const int64_t slices = static_cast<int64_t>(off.size()) - 1;
   if (m == 0) return;
 
+  const bool wide = y.scalar_type() == at::kFloat || y.scalar_type() == at::kDouble;
   const int32_t* rp = ranks.const_data_ptr<int32_t>();
   const float* sp = scales.const_data_ptr<float>();
   const int64_t bm = block_rows(n, y.scalar_type() == at::kDouble ? 8 : 4);
-  const Grouping g = group_tokens(adapter_ids.const_data_ptr<int32_t>(), m, rp, lora_b_all.size(0), bm);
+  const Grouping g = group_tokens(adapter_ids.const_data_ptr<int32_t>(), m, rp, lora_b_all.size(0), bm, wide);
   if (g.items.empty()) return;
-  const bool wide = y.scalar_type() == at::kFloat || y.scalar_type() == at::kDouble;
 
   dispatch_value_type(y.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -231,32 +383,41 @@ void multi_expand_add_(Tensor& y, const Tensor& h, const Tensor& lora_b_all, con
       for (int64_t it = i0; it < i1; ++it) {
         const Item& item = g.items[it];
         const int64_t rank = rp[item.adapter], cnt = item.count;
-        const double scale = sp[item.adapter];
-        const Tensor b = cache.columns(item.adapter, rank);  // [N, rank]
+        const float scale = sp[item.adapter];
         auto token = [&](int64_t i) { return item.contiguous ? item.first + i : g.tokens[item.first + i]; };
-        // The item's rows of h.
+        const bool small = cnt <= kSmallRows;
+        // The item's rows of h: a view for a contiguous GEMM item, else gathered (unit stride).
         Tensor hin;
-        if (item.contiguous) {
+        if (item.contiguous && !small) {
           hin = h.narrow(0, item.first, cnt);
         } else {
           hbuf.resize(static_cast<size_t>(bm * r_total));
           for (int64_t i = 0; i < cnt; ++i) load_row(hp + token(i) * hrs, hcs, r_total, hbuf.data() + i * r_total);
-          hin = at::from_blob(hbuf.data(), {cnt, r_total}, opts);
+          if (!small) hin = at::from_blob(hbuf.data(), {cnt, r_total}, opts);
         }
         auto add_slices = [&](const Tensor& yrows) {
+          const Tensor b = cache.columns(item.adapter, rank);  // [N, rank]
           for (int64_t s = 0; s < slices; ++s) {
             const int64_t n0 = off[s], ns = off[s + 1] - off[s];
             yrows.narrow(1, n0, ns).addmm_(hin.narrow(1, s * r_max, rank), b.narrow(0, n0, ns).t(), 1.0, scale);
           }
         };
-        if (item.contiguous && wide) {
+        if (item.contiguous && wide && !small) {
           add_slices(y.narrow(0, item.first, cnt));
           continue;
         }
-        // bf16 / fp16 rows, or gathered rows: widened into a block, updated, rounded back once.
+        // Small items, bf16 / fp16 rows or gathered rows: widened into a block, updated, rounded back once.
         ybuf.resize(static_cast<size_t>(bm * n));
         for (int64_t i = 0; i < cnt; ++i) load_row(yp + token(i) * yrs, ycs, n, ybuf.data() + i * n);
-        add_slices(at::from_blob(ybuf.data(), {cnt, n}, opts));
+        if (small) {
+          dispatch_value_type(lora_b_all.scalar_type(), [&](auto wtag) {
+            using W = decltype(wtag);
+            const W* b = lora_b_all.const_data_ptr<W>() + static_cast<int64_t>(item.adapter) * n * r_max;
+            small_expand<A, W>(ybuf.data(), cnt, n, hbuf.data(), r_total, b, r_max, rank, off, static_cast<A>(scale));
+          });
+        } else {
+          add_slices(at::from_blob(ybuf.data(), {cnt, n}, opts));
+        }
         for (int64_t i = 0; i < cnt; ++i) store_row<T>(ybuf.data() + i * n, n, yp + token(i) * yrs, ycs);
       }
     });
