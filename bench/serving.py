@@ -9,6 +9,11 @@ per-round ratios are printed. Goal: pool / base <= 1.08 at 8 adapters and <= 1.1
 The same models and adapters as `loracuda bench --suite serving` (loracuda/benchmarking/serving_suite.py).
 
     python bench/serving.py [--quick] [--rounds N] [--threads T] [--adapters 1,8,32]
+
+A first run, on a shared 2-core machine under heavy load from other builds (load average 5; the
+per-round ratios spread by +-20%, so these are indications, not results), commit 7b926b0 kernels,
+`--threads 1 --rounds 5`: pool / base 1.071 (1 adapter), 1.087 (8), 1.088 (32); PEFT / base 1.343,
+1.197, 1.278. A quiet-machine run replaces these.
 """
 
 import argparse
