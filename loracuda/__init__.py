@@ -13,9 +13,11 @@ from .layers import LoRALinear
 from .inject import combine_adapters, delete_adapter, disable_adapters, from_peft, inject, merge_and_unload, set_adapter
 from .merge import MergeReport, merge, unmerge
 from .peft_io import hot_swap, load_adapter, save_adapter
+from .serving import AdapterPool
 
 __all__ = ["__version__", "build_info", "lora_linear", "ops"]
 __all__ += [
+    "AdapterPool",
     "LoraConfig",
     "LoRALinear",
     "MergeReport",

@@ -249,6 +249,23 @@ def _check_ranks(file: str, tensors: dict[str, Tensor], expected: dict) -> None:
                 )
 
 
+def read_adapter(path: str) -> tuple[str, LoraConfig, dict[str, Tensor]]:
+    """(weights file, config, tensors keyed without the base_model.model. prefix) of the adapter folder
+    (or safetensors file) at ``path``. Reads safetensors only (a pickle file is refused) and checks the
+    file's integrity; the keys and shapes are checked against a model by ``check_tensors``."""
+    folder, file = _weights_file(path)
+    config = LoraConfig.from_peft(folder)
+    return file, config, _strip(_read_tensors(file))
+
+
+def check_tensors(file: str, tensors: dict[str, Tensor], expected: dict, pad_rank: bool = False) -> None:
+    """Raises ValueError, naming every problem, unless ``tensors`` holds exactly the keys of ``expected``
+    ({key: (kind "A" | "B" | "param", layer path or parameter, shape)}) with those shapes (``pad_rank``:
+    A / B ranks up to the expected one) and each layer's A and B agree on the rank."""
+    _check(file, tensors, expected, pad_rank)
+    _check_ranks(file, tensors, expected)
+
+
 # ---- loading -------------------------------------------------------------------------------------
 
 
@@ -257,9 +274,7 @@ def load_adapter(model: nn.Module, path: str, adapter: str = "default") -> nn.Mo
     """Loads a PEFT-format adapter folder into adapter ``adapter``, injecting it first when the model has
     no adapter of that name (with the file's config). Every key, shape and dtype is checked before any
     parameter is touched; on any error the model is unchanged. Returns ``model``."""
-    folder, file = _weights_file(path)
-    config = LoraConfig.from_peft(folder)
-    tensors = _strip(_read_tensors(file))
+    file, config, tensors = read_adapter(path)
     exists = adapter in configs(model) or bool(adapter_paths(model, adapter))
     if exists:
         merged = [p for p, layer in lora_layers(model) if adapter in layer.merged]
@@ -269,8 +284,7 @@ def load_adapter(model: nn.Module, path: str, adapter: str = "default") -> nn.Mo
                 "(or use hot_swap, which handles merged adapters)"
             )
     paths, expected = _expected(model, config, adapter)
-    _check(file, tensors, expected, pad_rank=False)
-    _check_ranks(file, tensors, expected)
+    check_tensors(file, tensors, expected, pad_rank=False)
     if not exists:
         inject(model, config, adapter)
     layers = dict(lora_layers(model))
@@ -302,12 +316,9 @@ def hot_swap(model: nn.Module, path: str, adapter: str = "default") -> None:
 
     if not adapter_paths(model, adapter):
         raise ValueError(f"loracuda.hot_swap: the model has no adapter named {adapter!r}; load_adapter it first")
-    folder, file = _weights_file(path)
-    config = LoraConfig.from_peft(folder)
-    tensors = _strip(_read_tensors(file))
+    file, config, tensors = read_adapter(path)
     paths, expected = _expected(model, config, adapter)
-    _check(file, tensors, expected, pad_rank=True)
-    _check_ranks(file, tensors, expected)
+    check_tensors(file, tensors, expected, pad_rank=True)
     layers = dict(lora_layers(model))
     for p in paths:
         if layers[p].scaling[adapter] == 0.0:

@@ -41,7 +41,7 @@ def test_help_explains_every_option():
     assert proc.returncode == 0
     for option in ("--suite", "--device", "--dtype", "--quick", "--json", "--compare", "--threshold", "--plot"):
         assert option in proc.stdout
-    for word in ("ops", "layer", "train", "cuda", "bfloat16", "matplotlib"):
+    for word in ("ops", "layer", "train", "serving", "cuda", "bfloat16", "matplotlib"):
         assert word in proc.stdout
 
 
@@ -98,7 +98,7 @@ def test_quick_run_writes_a_complete_record(tiny_run):
     assert record["device"]["type"] == "cpu" and record["device"]["cpu_model"]
     assert record["ceilings"]["copy_bytes_per_s"] > 0 and record["ceilings"]["gemm_flop_per_s"]["float32"] > 0
     suites = {c["suite"] for c in record["cases"]}
-    assert suites == {"ops", "layer", "train"}
+    assert suites == {"ops", "layer", "train", "serving"}
     ops = {c["op"] for c in record["cases"] if c["suite"] == "ops"}
     assert ops == {"shrink", "expand_add_", "backward", "merge_"}
     modes = {c["op"] for c in record["cases"] if c["suite"] == "layer"}
@@ -106,14 +106,18 @@ def test_quick_run_writes_a_complete_record(tiny_run):
     for case in record["cases"]:
         assert case["bytes"] > 0 and case["flops"] > 0
         # The train suite compares whole models (loracuda, PEFT, reference); the addmm recipe is a layer.
-        expected = {"loracuda", "reference"} | (set() if case["suite"] == "train" else {"addmm"})
+        # The serving suite compares a model's forward with the base model's (and PEFT's mixed batch).
+        if case["suite"] == "serving":
+            expected = {"loracuda", "base"}
+        else:
+            expected = {"loracuda", "reference"} | (set() if case["suite"] == "train" else {"addmm"})
         assert expected <= set(case["results"])
         for name, entry in case["results"].items():
             if "error" in entry:
                 continue
             assert 0 < entry["p20_ms"] <= entry["median_ms"] <= entry["p80_ms"]
             assert entry["GBps"] > 0 and entry["TFLOPs"] > 0
-        if case["suite"] == "layer":
+        if case["suite"] in ("layer", "serving"):
             assert "base" in case["results"]
     # The table on stdout names every case.
     for case in record["cases"]:

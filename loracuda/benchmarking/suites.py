@@ -3,7 +3,7 @@
 A case is one op or layer mode at one shape and dtype, with the bytes it must move and the FLOPs it
 must do by the formulas of DESIGN.md §3 / §4, and its providers prepared lazily (``make``) so only
 one case's tensors are alive at a time. Suites register with ``@register_suite``; ``ops`` and
-``layer`` are defined here, later ones (``train``, ``serve``) register the same way from their own
+``layer`` are defined here, later ones (``train``, ``serving``) register the same way from their own
 module, listed in ``_SUITE_MODULES``.
 
 Shapes (K = in features, N = out features, M = tokens, r = rank):
@@ -66,7 +66,7 @@ class Suite:
 
 _SUITES: dict[str, Suite] = {}
 # Modules that register further suites when imported (e.g. "loracuda.benchmarking.train_suite").
-_SUITE_MODULES: tuple[str, ...] = ("loracuda.benchmarking.train_suite",)
+_SUITE_MODULES: tuple[str, ...] = ("loracuda.benchmarking.train_suite", "loracuda.benchmarking.serving_suite")
 
 
 def register_suite(name: str, description: str):

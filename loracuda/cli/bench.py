@@ -48,7 +48,8 @@ def add_parser(subparsers) -> None:
         metavar="NAME",
         help="which suite to run: ops (shrink, expand_add_, merge_, backward one by one), layer "
         "(lora_linear forward, backward, forward+backward), train (a LoRA training step of a Llama-style "
-        "model) or all (default: all)",
+        "model), serving (a forward of a batch mixing adapters: AdapterPool, PEFT, base model) or all "
+        "(default: all)",
     )
     p.add_argument(
         "--device",
