@@ -39,7 +39,11 @@ def model_for(dropout: float, checkpointing, input_grads: bool) -> torch.nn.Modu
     randomize_adapters(model, scale_b=0.05)
     if checkpointing is not None:
         # transformers wraps each decoder layer's call in torch.utils.checkpoint.checkpoint(**kwargs).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
+        kwargs = {"use_reentrant": checkpointing}
+        if hasattr(model, "activation_checkpointing_enable"):  # the newer name of the same switch
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if input_grads:
             # Reentrant checkpoint passes gradients only through inputs that require grad; with a frozen
             # embedding the hidden states do not, so they are made to (as transformers does for adapters).
