@@ -151,7 +151,7 @@ def train_suite(ctx: SuiteContext) -> list:
         shape = {"hidden": h, "inter": inter, "layers": n_layers, "tokens": tokens, "r": RANK, "p": p}
         case = Case("train", "step", shape, dtype, bytes_, flops, make, measure_memory=True,
                     baseline="peft" if with_peft else None, target=TARGETS_VS_PEFT[p] if with_peft else None)
-        case.notes.append(f"{tokens} tokens per step: tokens/s = {tokens} / time; "x base" here is the ratio to PEFT's step")
+        case.notes.append(f"{tokens} tokens per step: tokens/s = {tokens} / time; 'x base' is the ratio to PEFT's step")
         case.notes.append("loss curves: python bench/train_step.py checks loracuda's against PEFT's over 20 steps")
         cases.append(case)
     return cases
