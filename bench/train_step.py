@@ -7,7 +7,7 @@ The issue's case (loracuda.benchmarking.train_suite.train_shape): hidden 1024, i
 forward, cross-entropy, backward, AdamW on the LoRA factors. All four (provider, dropout) steps are
 timed in interleaved rounds (the order rotates each round, so load from elsewhere falls on all of
 them alike); printed: the median step time and tokens/s, the ratio to PEFT, the peak memory above the
-pre-step level (VmHWM on the CPU), then the loss curves of 20 steps from the same seed and whether they
+pre-step level (VmHWM on the CPU) and the bytes autograd saves for backward, then the loss curves of 20 steps from the same seed and whether they
 agree (train_suite.compare_curves says what agreeing means at each dropout). --profile prints
 torch.profiler tables of one step of each provider (self CPU time by op). Exits 1 when the loss
 curves disagree.
@@ -46,11 +46,12 @@ def main(argv=None) -> int:
     tokens = s["batch"] * s["tokens"]
     print(f"shape {s}, r={T.RANK}, {dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}")
 
-    steps = {}
+    steps, saved = {}, {}
     for p in DROPOUTS:
         models, ids = T.build_models(s, p, device, dtype, with_peft=True)
         for name, model in models.items():
             steps[(name, p)] = T.make_step(model, ids)
+            saved[(name, p)] = T.saved_activation_bytes(model, ids)
     keys = list(steps)
     for key in keys:
         for _ in range(args.warmup):
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
             times[key].append(time.perf_counter() - start)
     peaks = {key: memory.peak_extra_bytes(steps[key], device) for key in keys}
 
-    print(f"\n{'provider':<10} {'p':>4} {'median ms':>10} {'p20-p80 ms':>16} {'tokens/s':>9} {'x PEFT':>7} {'peak MB':>8}")
+    print(f"\n{'provider':<10} {'p':>4} {'median ms':>10} {'p20-p80 ms':>16} {'tokens/s':>9} {'x PEFT':>7} {'saved MB':>9} {'peak MB':>8}")
     for key in keys:
         name, p = key
         t = sorted(times[key])
@@ -73,12 +74,14 @@ def main(argv=None) -> int:
         speed = statistics.median(times[("peft", p)]) / med if ("peft", p) in times else float("nan")
         peak = peaks[key]
         peak_text = f"{peak / 2**20:8.1f}" if peak is not None else "       -"
-        print(f"{name:<10} {p:>4} {med * 1e3:10.1f} {p20 * 1e3:7.1f}-{p80 * 1e3:<8.1f} {tokens / med:9.0f} {speed:7.3f} {peak_text}")
+        print(f"{name:<10} {p:>4} {med * 1e3:10.1f} {p20 * 1e3:7.1f}-{p80 * 1e3:<8.1f} {tokens / med:9.0f} {speed:7.3f} {saved[key] / 2**20:9.1f} {peak_text}")
     for p in DROPOUTS:
         goal = 1.0 / T.TARGETS_VS_PEFT[p]
         speed = statistics.median(times[("peft", p)]) / statistics.median(times[("loracuda", p)])
         print(f"p={p}: loracuda {speed:.3f}x PEFT's tokens/s (goal >= {goal:.2f}x: {'met' if speed >= goal else 'missed'})")
-    print("(medians of interleaved rounds; on a shared machine other load makes them noisy)")
+    print("(medians of interleaved rounds; on a shared machine other load makes them noisy. saved MB: what\n"
+          " autograd keeps for backward, parameters left out; peak MB: resident-set growth during one step,\n"
+          " a lower bound, 0 once the allocator has grown)")
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile

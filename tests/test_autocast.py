@@ -107,10 +107,9 @@ def test_outside_autocast_low_precision_x_is_read_directly():
     assert mode.count == 0 and y.dtype == torch.bfloat16
 
 
-def _reference64(layer, x, dy):
-    """float64 values and gradients of what autocast means: x, W, bias rounded to the autocast dtype
-    (the base GEMM's inputs), the float32 factors as they are."""
-    dtype = torch.get_autocast_dtype(x.device.type)
+def _reference64(layer, x, dy, dtype):
+    """float64 values and gradients of what autocast to ``dtype`` means: x, W, bias rounded to it (the
+    base GEMM's inputs), the float32 factors as they are."""
     x64 = x.detach().to(dtype).double().requires_grad_(True)
     w64 = layer.weight.detach().to(dtype).double()
     b64 = layer.bias.detach().to(dtype).double()
@@ -144,8 +143,7 @@ def test_values_and_gradients_within_the_rule(device_name, dtype):
 
     got = _run(layer, layer, x, dy, dtype)
     ref = _run(plain, layer, x, dy, dtype)
-    with torch.autocast(device.type, dtype=dtype):
-        ref64 = _reference64(layer, x, dy)
+    ref64 = _reference64(layer, x, dy, dtype)
     assert got[0].dtype == dtype and ref[0].dtype == dtype
     assert layer.lora_A["default"].dtype == torch.float32  # the factors were not cast
     assert_within_rule("y", got[0], ref[0], ref64[0])

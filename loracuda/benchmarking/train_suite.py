@@ -90,6 +90,25 @@ def make_step(model: torch.nn.Module, ids: torch.Tensor, call=None):
     return step
 
 
+def saved_activation_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd saves for backward during one forward and loss, not
+    counting parameters: the activation memory a step holds at its peak (exact, unlike the resident-set
+    growth the CPU timer can see once the allocator has grown)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model(ids[:, :-1])
+        F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+    return sum(seen.values())
+
+
 def loss_curves(s: dict, p: float, device: torch.device, dtype: torch.dtype, steps: int = 20) -> dict:
     """provider -> the losses of ``steps`` training steps from the same models and seed (fresh models)."""
     models, ids = build_models(s, p, device, dtype, with_peft=True)
