@@ -4,7 +4,8 @@ Forward is the op torch.ops.loracuda.lora_linear (base GEMM + shrink + expand-ad
 autograd formula is registered here with torch.library.register_autograd. Saved for backward: x,
 h [M, R] (float32) and the dropout seed, besides the parameters; no dropout mask and no dropped copy
 of x. Backward: grad_x = grad_y @ weight by the base dgrad GEMM, then one loracuda.backward call adds
-the LoRA part into it in place and returns the adapter gradients.
+the LoRA part into it in place and returns the adapter gradients. Under autocast the base inputs
+take the autocast dtype as in F.linear while the factors keep theirs (autocast_inputs).
 """
 
 from typing import Optional, Sequence, Union
@@ -23,6 +24,11 @@ def new_seed(device: torch.device) -> Tensor:
     return torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=device)
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    # Meta tensors (shape-only calls) have no autocast state; torch raises when asked about them.
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
+
+
 def autocast_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """(x, weight, bias) as F.linear sees them under autocast on x's device type: each floating tensor
     other than float64 cast to the autocast dtype (the rule autocast applies to linear), unchanged when
@@ -30,7 +36,7 @@ def autocast_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[
     with bfloat16 / float16 x directly, so the adapter path makes no cast copy of x (PEFT casts x to
     the factors' dtype, an extra [M, K] tensor per layer)."""
     device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not _autocast_enabled(device_type):
         return x, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
 
@@ -77,7 +83,7 @@ def lora_linear(
     if p > 0.0:
         seed_t = new_seed(x.device) if seed is None else ops.seed_tensor(seed, x.device)
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if _autocast_enabled(device_type):
         x, weight, bias = autocast_inputs(x, weight, bias)
         with torch.autocast(device_type, enabled=False):
             return _call(x, weight, bias, lora_a, lora_b, scale, p, seed_t, slice_offsets)
@@ -105,7 +111,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y, grad_h):
     # A backward run inside an autocast region must not cast the float32 factors or their gradients.
     device_type = grad_y.device.type
-    if torch.is_autocast_enabled(device_type):
+    if _autocast_enabled(device_type):
         with torch.autocast(device_type, enabled=False):
             return _backward_impl(ctx, grad_y)
     return _backward_impl(ctx, grad_y)
