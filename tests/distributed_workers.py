@@ -6,6 +6,7 @@ adapter folder ``<out dir>/adapter``). The model, its adapter and the data are b
 test's single-process run from the same functions, so both see the same numbers.
 """
 
+import datetime
 import os
 import sys
 
@@ -159,7 +160,9 @@ def run_fsdp2(rank: int, world: int, out: str) -> None:
 def main() -> None:
     mode, rank, world, port, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     torch.set_num_threads(1)  # two ranks share a small machine
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # A bounded collective timeout: a rank whose peer died fails instead of waiting (the test also kills it).
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=90))
     try:
         {"ddp": run_ddp, "fsdp2": run_fsdp2}[mode](rank, world, out)
         dist.barrier()

@@ -4,7 +4,7 @@ the concatenated batch.
 
 The ranks are separate Python processes (tests/distributed_workers.py) started with subprocess on a
 free port; each test bounds their time (TIMEOUT_S), kills them on failure or timeout, and removes its
-temporary folder. Gradients of a data-parallel step are the average of the ranks' gradients, which
+temporary folder; the workers destroy their process group on the way out. Gradients of a data-parallel step are the average of the ranks' gradients, which
 rounds differently from the single-process gradient of the whole batch: they are compared under
 DESIGN.md §7's gradient factor against a float64 single-process run, and between ranks exactly.
 """
@@ -13,6 +13,8 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 import peft
 import pytest
@@ -37,32 +39,50 @@ def _free_port() -> int:
 
 def launch(mode: str, out: str) -> list:
     """Runs the WORLD ranks of ``mode`` to completion; returns their results. Fails with the ranks'
-    output if any rank fails or the run exceeds TIMEOUT_S; no rank outlives this call."""
+    output as soon as one rank fails (the others are killed rather than left waiting in a collective)
+    or when the run exceeds TIMEOUT_S; no rank outlives this call."""
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
     script = os.path.join(ROOT, "tests", "distributed_workers.py")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, script, mode, str(rank), str(WORLD), str(port), out],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for rank in range(WORLD)
-    ]
-    logs = [""] * WORLD
+    logs = [os.path.join(out, f"{mode}-rank{rank}.log") for rank in range(WORLD)]
+    procs = []
     try:
-        for rank, proc in enumerate(procs):
-            logs[rank], _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{mode}: the ranks did not finish within {TIMEOUT_S} s")
+        for rank in range(WORLD):
+            with open(logs[rank], "w") as log:  # the child keeps its own copy of the descriptor
+                procs.append(subprocess.Popen(
+                    [sys.executable, script, mode, str(rank), str(WORLD), str(port), out],
+                    cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                ))
+        deadline = time.monotonic() + TIMEOUT_S
+        while any(proc.poll() is None for proc in procs):
+            failed = [rank for rank, proc in enumerate(procs) if proc.poll() not in (None, 0)]
+            if failed or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-                proc.wait()
+            proc.wait()
+
+    def tail(rank: int) -> str:
+        with open(logs[rank]) as f:
+            return f.read()[-4000:]
+
     for rank, proc in enumerate(procs):
-        assert proc.returncode == 0, f"{mode} rank {rank} exited with {proc.returncode}:\n{logs[rank][-4000:]}"
+        assert proc.returncode == 0, (
+            f"{mode} rank {rank} exited with {proc.returncode} (-9: killed after another rank failed or past "
+            f"the {TIMEOUT_S} s limit):\n{tail(rank)}"
+        )
     return [torch.load(os.path.join(out, f"{mode}-rank{rank}.pt")) for rank in range(WORLD)]
+
+
+@pytest.fixture
+def out_dir():
+    """A temporary folder for the ranks' results, removed after the test whatever its outcome."""
+    with tempfile.TemporaryDirectory(prefix="loracuda-dist-") as folder:
+        yield folder
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +98,9 @@ def assert_rule(what: str, got: torch.Tensor, plain: torch.Tensor, ref64: torch.
     assert err <= factor * err_plain + FLOOR * ref_norm, (what, err, err_plain, ref_norm)
 
 
-def test_ddp_gradients_equal_on_ranks_and_match_one_process(tmp_path, reference):
+def test_ddp_gradients_equal_on_ranks_and_match_one_process(out_dir, reference):
     plain, ref64 = reference
-    ranks = launch("ddp", str(tmp_path))
+    ranks = launch("ddp", out_dir)
     lora_names = sorted(n for n in plain["grads"] if ".lora_A." in n or ".lora_B." in n)
     for result in ranks:
         # Only the LoRA factors require grad, and they are exactly what the reducer communicates.
@@ -97,9 +117,9 @@ def test_ddp_gradients_equal_on_ranks_and_match_one_process(tmp_path, reference)
         assert_rule(f"param {name}", ranks[0]["params"][name], plain["params"][name], ref64["params"][name], FACTOR_GRADIENTS)
 
 
-def test_fsdp2_trains_and_saves_a_loadable_adapter(tmp_path, reference):
+def test_fsdp2_trains_and_saves_a_loadable_adapter(out_dir, reference):
     plain, ref64 = reference
-    ranks = launch("fsdp2", str(tmp_path))
+    ranks = launch("fsdp2", out_dir)
     assert torch.equal(ranks[0]["losses"], ranks[1]["losses"])
     assert_rule("losses", ranks[0]["losses"], plain["losses"], ref64["losses"], 2.0)
     assert ranks[0]["losses"][-1] < ranks[0]["losses"][0]  # it trains
@@ -110,7 +130,7 @@ def test_fsdp2_trains_and_saves_a_loadable_adapter(tmp_path, reference):
         assert torch.equal(value, ranks[0]["state_dict_lora"][name]), name  # DTensor gather == DCP full state dict
         assert_rule(f"param {name}", value, plain["params"][name], ref64["params"][name], FACTOR_GRADIENTS)
 
-    folder = os.path.join(str(tmp_path), "adapter")
+    folder = os.path.join(out_dir, "adapter")
     ours = loracuda.load_adapter(llama(seed=0, layers=2), folder)
     loaded = {n: p for n, p in ours.named_parameters() if ".lora_" in n}
     assert sorted(loaded) == sorted(gathered)
