@@ -4,7 +4,8 @@ Forward is the op torch.ops.loracuda.lora_linear (base GEMM + shrink + expand-ad
 autograd formula is registered here with torch.library.register_autograd. Saved for backward: x,
 h [M, R] (float32) and the dropout seed, besides the parameters; no dropout mask and no dropped copy
 of x. Backward: grad_x = grad_y @ weight by the base dgrad GEMM, then one loracuda.backward call adds
-the LoRA part into it in place and returns the adapter gradients.
+the LoRA part into it in place and returns the adapter gradients. Under autocast the base inputs
+take the autocast dtype as in F.linear while the factors keep theirs (autocast_inputs).
 """
 
 from typing import Optional, Sequence, Union
@@ -21,6 +22,30 @@ def new_seed(device: torch.device) -> Tensor:
     """A fresh dropout seed drawn from torch's generator on ``device`` (no host synchronisation, so it
     traces under torch.compile; torch.utils.checkpoint replays it with the RNG state)."""
     return torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=device)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    # Meta tensors (shape-only calls) have no autocast state; torch raises when asked about them.
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
+
+
+def autocast_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """(x, weight, bias) as F.linear sees them under autocast on x's device type: each floating tensor
+    other than float64 cast to the autocast dtype (the rule autocast applies to linear), unchanged when
+    autocast is off. The LoRA factors are not among them on purpose: the kernels read float32 factors
+    with bfloat16 / float16 x directly, so the adapter path makes no cast copy of x (PEFT casts x to
+    the factors' dtype, an extra [M, K] tensor per layer)."""
+    device_type = x.device.type
+    if not _autocast_enabled(device_type):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t: Optional[Tensor]) -> Optional[Tensor]:
+        if t is None or t.dtype == dtype or t.dtype == torch.float64 or not t.is_floating_point():
+            return t
+        return t.to(dtype)
+
+    return cast(x), cast(weight), cast(bias)
 
 
 def lora_linear(
@@ -43,6 +68,11 @@ def lora_linear(
     output column offsets; empty for one). Dropout applies to the adapter's input only, when
     ``training`` and ``dropout_p > 0``; ``seed`` (int or int64 tensor) fixes the mask, else a fresh
     seed is drawn. Returns y [..., N] in x's dtype.
+
+    Under autocast (on x's device type) x, weight and bias are cast as F.linear's autocast rule casts
+    them (see :func:`autocast_inputs`), the factors are kept, y comes out in the autocast dtype, and the
+    op runs with autocast off so that the GEMMs inside it are not cast again (the op is opaque to
+    autocast: it has no Autocast kernel, and the factors must stay float32).
     """
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"loracuda.lora_linear: argument 'dropout_p' must be in [0, 1), got {dropout_p}")
@@ -52,11 +82,20 @@ def lora_linear(
     seed_t = None
     if p > 0.0:
         seed_t = new_seed(x.device) if seed is None else ops.seed_tensor(seed, x.device)
-    lead = x.shape[:-1]
-    y, _ = torch.ops.loracuda.lora_linear(
-        x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, float(scale), p, seed_t, list(slice_offsets)
-    )
-    return y.reshape(*lead, y.shape[-1])
+    device_type = x.device.type
+    if _autocast_enabled(device_type):
+        x, weight, bias = autocast_inputs(x, weight, bias)
+        with torch.autocast(device_type, enabled=False):
+            return _call(x, weight, bias, lora_a, lora_b, scale, p, seed_t, slice_offsets)
+    return _call(x, weight, bias, lora_a, lora_b, scale, p, seed_t, slice_offsets)
+
+
+def _call(x, weight, bias, lora_a, lora_b, scale, p, seed_t, slice_offsets) -> Tensor:
+    # The op takes x [M, K]: leading dimensions are flattened (a view for contiguous x) and restored.
+    k = x.shape[-1]
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
+    y, _ = torch.ops.loracuda.lora_linear(x2, weight, bias, lora_a, lora_b, float(scale), p, seed_t, list(slice_offsets))
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def _setup_context(ctx, inputs, output):
@@ -70,6 +109,15 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_y, grad_h):
+    # A backward run inside an autocast region must not cast the float32 factors or their gradients.
+    device_type = grad_y.device.type
+    if _autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return _backward_impl(ctx, grad_y)
+    return _backward_impl(ctx, grad_y)
+
+
+def _backward_impl(ctx, grad_y):
     x, weight, lora_a, lora_b, h, seed = ctx.saved_tensors
     need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
     grad_x = grad_y @ weight if need_x else None  # base dgrad GEMM; the LoRA part is added in place

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import is_conv1d
-from .functional import lora_linear
+from .functional import autocast_inputs, lora_linear
 
 _FACTOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -145,14 +145,20 @@ class LoRALinear(nn.Module):
                     "loracuda: adapters are disabled but merged into this layer's weight; unmerge them first"
                 )
             return self.base_layer(x)
-        names = self._unmerged_active()
-        if not names:
-            return self.base_layer(x)
+        # The common case (one active adapter, nothing merged) skips building the list: this runs once
+        # per layer per step.
+        names = self.active_adapters
+        if len(names) != 1 or self.merged or names[0] not in self.lora_A:
+            names = self._unmerged_active()
+            if not names:
+                return self.base_layer(x)
         weight = self.base_layer.weight
         weight = weight.t() if self.fan_in_fan_out else weight  # Conv1D stores [K, N]: a view, no copy
+        # Under autocast x, weight and bias take the autocast dtype as in F.linear; the factors are kept
+        # (float32 factors are read directly by the kernels: no cast copy of x for the adapter path).
+        x, weight, bias = autocast_inputs(x, weight, self.base_layer.bias)
         if x.dtype != weight.dtype:
             x = x.to(weight.dtype)
-        bias = self.base_layer.bias
         p = self.dropout_p[names[0]]
         if len(names) == 1 or all(self.dropout_p[n] == p for n in names):
             a, b, scale = self._stacked(names, x.dtype)

@@ -1,0 +1,107 @@
+"""One LoRA training step of a Llama-style model, loracuda against PEFT, at dropout 0 and 0.1.
+
+    python bench/train_step.py [--quick] [--rounds 7] [--loss-steps 20] [--profile] [--threads N]
+
+The issue's case (loracuda.benchmarking.train_suite.train_shape): hidden 1024, intermediate 2816,
+4 layers, r = 16 on every linear layer but the head, float32, batch 4 x 256 tokens, on the CPU:
+forward, cross-entropy, backward, AdamW on the LoRA factors. All four (provider, dropout) steps are
+timed in interleaved rounds (the order rotates each round, so load from elsewhere falls on all of
+them alike); printed: the median step time and tokens/s, the ratio to PEFT, the peak memory above the
+pre-step level (VmHWM on the CPU) and the bytes autograd saves for backward, then the loss curves of 20 steps from the same seed and whether they
+agree (train_suite.compare_curves says what agreeing means at each dropout). --profile prints
+torch.profiler tables of one step of each provider (self CPU time by op). Exits 1 when the loss
+curves disagree.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+import torch  # noqa: E402
+
+from loracuda.benchmarking import memory  # noqa: E402
+from loracuda.benchmarking import train_suite as T  # noqa: E402
+from loracuda.benchmarking.suites import SuiteContext  # noqa: E402
+
+DROPOUTS = (0.0, 0.1)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="hidden 256, 2 layers, 2 x 128 tokens")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (one step each)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per provider before the rounds")
+    parser.add_argument("--loss-steps", type=int, default=20, help="steps of the loss-curve check (0: skip)")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per provider")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device("cpu"), torch.float32
+    s = T.train_shape(SuiteContext(device, dtype, quick=args.quick))
+    tokens = s["batch"] * s["tokens"]
+    print(f"shape {s}, r={T.RANK}, {dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+
+    steps, saved = {}, {}
+    for p in DROPOUTS:
+        models, ids = T.build_models(s, p, device, dtype, with_peft=True)
+        for name, model in models.items():
+            steps[(name, p)] = T.make_step(model, ids)
+            saved[(name, p)] = T.saved_activation_bytes(model, ids)
+    keys = list(steps)
+    for key in keys:
+        for _ in range(args.warmup):
+            steps[key]()
+    times = {key: [] for key in keys}
+    for round_ in range(args.rounds):
+        order = keys[round_ % len(keys):] + keys[: round_ % len(keys)]
+        for key in order:
+            start = time.perf_counter()
+            steps[key]()
+            times[key].append(time.perf_counter() - start)
+    peaks = {key: memory.peak_extra_bytes(steps[key], device) for key in keys}
+
+    print(f"\n{'provider':<10} {'p':>4} {'median ms':>10} {'p20-p80 ms':>16} {'tokens/s':>9} {'x PEFT':>7} {'saved MB':>9} {'peak MB':>8}")
+    for key in keys:
+        name, p = key
+        t = sorted(times[key])
+        med = statistics.median(t)
+        p20, p80 = t[int(0.2 * (len(t) - 1))], t[int(round(0.8 * (len(t) - 1)))]
+        speed = statistics.median(times[("peft", p)]) / med if ("peft", p) in times else float("nan")
+        peak = peaks[key]
+        peak_text = f"{peak / 2**20:8.1f}" if peak is not None else "       -"
+        print(f"{name:<10} {p:>4} {med * 1e3:10.1f} {p20 * 1e3:7.1f}-{p80 * 1e3:<8.1f} {tokens / med:9.0f} {speed:7.3f} {saved[key] / 2**20:9.1f} {peak_text}")
+    for p in DROPOUTS:
+        goal = 1.0 / T.TARGETS_VS_PEFT[p]
+        speed = statistics.median(times[("peft", p)]) / statistics.median(times[("loracuda", p)])
+        print(f"p={p}: loracuda {speed:.3f}x PEFT's tokens/s (goal >= {goal:.2f}x: {'met' if speed >= goal else 'missed'})")
+    print("(medians of interleaved rounds; on a shared machine other load makes them noisy. saved MB: what\n"
+          " autograd keeps for backward, parameters left out; peak MB: resident-set growth during one step,\n"
+          " a lower bound, 0 once the allocator has grown)")
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for key in [("loracuda", 0.1), ("peft", 0.1), ("loracuda", 0.0), ("peft", 0.0)]:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                steps[key]()
+            print(f"\n=== profile: {key[0]}, p={key[1]} ===")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+    del steps
+
+    ok = True
+    if args.loss_steps:
+        print()
+        for p in DROPOUTS:
+            agree, line = T.compare_curves(T.loss_curves(s, p, device, dtype, args.loss_steps), p)
+            ok &= agree
+            print(line)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
