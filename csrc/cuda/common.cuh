@@ -251,5 +251,75 @@ __device__ __forceinline__ T unmerge_exact(T w1, float d, uint32_t code) {
   return w2;
 }
 
+// ---- the inner products of the staged shrink and expand tiles (shrink.cu, expand.cu, multi_lora.cu) ----
+
+// acc + h . b over 4 ranks, in ascending rank order.
+__device__ __forceinline__ float dot4_add(const float4& h, const float4& b, float acc) {
+  acc = fmaf(h.x, b.x, acc);
+  acc = fmaf(h.y, b.y, acc);
+  acc = fmaf(h.z, b.z, acc);
+  return fmaf(h.w, b.w, acc);
+}
+
+// Shrink tile step: acc[row][j] += sum over kk < 8 of xv[row][kk] * a_s[(kk * 32 + lane) * kAStride + j],
+// for the lane's 8 columns of x (xv) against a staged float32 tile a_s whose column kl = 8 * lane + kk
+// sits at slot (kk * 32 + lane), kRankTile (a multiple of 4) values per slot, 16-byte aligned.
+template <int kRows, int kRankTile, int kAStride>
+__device__ __forceinline__ void shrink_tile_fma(float (&acc)[kRows][kRankTile], const float (&xv)[kRows][8],
+                                                const float* __restrict__ a_s, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    const float* a_row = a_s + (kk * 32 + lane) * kAStride;
+#pragma unroll
+    for (int j4 = 0; j4 < kRankTile / 4; ++j4) {
+      const float4 av = *reinterpret_cast<const float4*>(a_row + j4 * 4);
+#pragma unroll
+      for (int row = 0; row < kRows; ++row) {
+        acc[row][j4 * 4 + 0] = fmaf(xv[row][kk], av.x, acc[row][j4 * 4 + 0]);
+        acc[row][j4 * 4 + 1] = fmaf(xv[row][kk], av.y, acc[row][j4 * 4 + 1]);
+        acc[row][j4 * 4 + 2] = fmaf(xv[row][kk], av.z, acc[row][j4 * 4 + 2]);
+        acc[row][j4 * 4 + 3] = fmaf(xv[row][kk], av.w, acc[row][j4 * 4 + 3]);
+      }
+    }
+  }
+}
+
+// Expand tile step over one staged rank chunk: acc[row][c] += h_s[row, slice sl[c], :] . b_s[column c, :]
+// for the thread's kRows rows (tile rows row0 ..) and 8 columns (lane tx: column c at slot c * 32 + tx
+// of b_s, kBStride floats per slot); h_s holds (row, slice, rank) at (row * S + slice) * kRankChunk + rank.
+// uniform: all 8 columns lie in slice sl[0], so each h value is read once for the 8 columns.
+template <int kRows, int kRankChunk, int kBStride>
+__device__ __forceinline__ void expand_tile_fma(float (&acc)[kRows][8], const float* __restrict__ h_s,
+                                                const float* __restrict__ b_s, int row0, int tx, int S,
+                                                const int (&sl)[8], bool uniform) {
+#pragma unroll
+  for (int j4 = 0; j4 < kRankChunk / 4; ++j4) {
+    if (uniform) {
+      float4 hv[kRows];
+#pragma unroll
+      for (int row = 0; row < kRows; ++row) {
+        hv[row] = *reinterpret_cast<const float4*>(h_s + ((row0 + row) * S + sl[0]) * kRankChunk + j4 * 4);
+      }
+#pragma unroll
+      for (int c = 0; c < 8; ++c) {
+        const float4 bv = *reinterpret_cast<const float4*>(b_s + (c * 32 + tx) * kBStride + j4 * 4);
+#pragma unroll
+        for (int row = 0; row < kRows; ++row) acc[row][c] = dot4_add(hv[row], bv, acc[row][c]);
+      }
+    } else {  // the thread's columns straddle a slice boundary
+#pragma unroll
+      for (int c = 0; c < 8; ++c) {
+        const float4 bv = *reinterpret_cast<const float4*>(b_s + (c * 32 + tx) * kBStride + j4 * 4);
+#pragma unroll
+        for (int row = 0; row < kRows; ++row) {
+          const float4 hv =
+              *reinterpret_cast<const float4*>(h_s + ((row0 + row) * S + sl[c]) * kRankChunk + j4 * 4);
+          acc[row][c] = dot4_add(hv, bv, acc[row][c]);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace cuda
 }  // namespace loracuda

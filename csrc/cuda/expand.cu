@@ -84,46 +84,7 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandParams p, 
     }
     __syncthreads();
 
-#pragma unroll
-    for (int j4 = 0; j4 < kRankChunk / 4; ++j4) {
-      if (uniform) {  // all 8 columns in one slice: each h value is read once for 8 columns
-        float4 hv[kRowsPerThread];
-#pragma unroll
-        for (int row = 0; row < kRowsPerThread; ++row) {
-          hv[row] = *reinterpret_cast<const float4*>(h_s + ((ty * kRowsPerThread + row) * S + sl[0]) * kRankChunk +
-                                                     j4 * 4);
-        }
-#pragma unroll
-        for (int c = 0; c < 8; ++c) {
-          const float4 bv = *reinterpret_cast<const float4*>(b_s + (c * 32 + tx) * kBStride + j4 * 4);
-#pragma unroll
-          for (int row = 0; row < kRowsPerThread; ++row) {
-            float v = acc[row][c];
-            v = fmaf(hv[row].x, bv.x, v);
-            v = fmaf(hv[row].y, bv.y, v);
-            v = fmaf(hv[row].z, bv.z, v);
-            v = fmaf(hv[row].w, bv.w, v);
-            acc[row][c] = v;
-          }
-        }
-      } else {  // the thread's columns straddle a slice boundary
-#pragma unroll
-        for (int c = 0; c < 8; ++c) {
-          const float4 bv = *reinterpret_cast<const float4*>(b_s + (c * 32 + tx) * kBStride + j4 * 4);
-#pragma unroll
-          for (int row = 0; row < kRowsPerThread; ++row) {
-            const float4 hv = *reinterpret_cast<const float4*>(
-                h_s + ((ty * kRowsPerThread + row) * S + sl[c]) * kRankChunk + j4 * 4);
-            float v = acc[row][c];
-            v = fmaf(hv.x, bv.x, v);
-            v = fmaf(hv.y, bv.y, v);
-            v = fmaf(hv.z, bv.z, v);
-            v = fmaf(hv.w, bv.w, v);
-            acc[row][c] = v;
-          }
-        }
-      }
-    }
+    expand_tile_fma<kRowsPerThread, kRankChunk, kBStride>(acc, h_s, b_s, ty * kRowsPerThread, tx, S, sl, uniform);
   }
 
   const DeviceDropout drop = make_device_dropout(p.dropout);

@@ -230,21 +230,7 @@ __global__ void __launch_bounds__(kPrefillThreads, sizeof(TX) == 2 ? 2 : 1)
       }
     }
 
-#pragma unroll
-    for (int kk = 0; kk < 8; ++kk) {
-      const float* a_row = a_s + (kk * 32 + lane) * kAStride;
-#pragma unroll
-      for (int j4 = 0; j4 < kRankTile / 4; ++j4) {
-        const float4 av = *reinterpret_cast<const float4*>(a_row + j4 * 4);
-#pragma unroll
-        for (int row = 0; row < kRowsPerWarp; ++row) {
-          acc[row][j4 * 4 + 0] = fmaf(xv[row][kk], av.x, acc[row][j4 * 4 + 0]);
-          acc[row][j4 * 4 + 1] = fmaf(xv[row][kk], av.y, acc[row][j4 * 4 + 1]);
-          acc[row][j4 * 4 + 2] = fmaf(xv[row][kk], av.z, acc[row][j4 * 4 + 2]);
-          acc[row][j4 * 4 + 3] = fmaf(xv[row][kk], av.w, acc[row][j4 * 4 + 3]);
-        }
-      }
-    }
+    shrink_tile_fma<kRowsPerWarp, kRankTile, kAStride>(acc, xv, a_s, lane);
   }
 
   // Sum the 32 lanes (xor butterfly: every lane ends with the total), then lane idx % 32 writes
@@ -310,14 +296,6 @@ MultiShrinkPlan make_plan(const MultiShrinkParams& p) {
 }
 
 // ---- multi_expand_add_ ------------------------------------------------------------------------------------
-
-// acc + h . b over 4 ranks, in ascending rank order.
-__device__ __forceinline__ float dot4_add(const float4& h, const float4& b, float acc) {
-  acc = fmaf(h.x, b.x, acc);
-  acc = fmaf(h.y, b.y, acc);
-  acc = fmaf(h.z, b.z, acc);
-  return fmaf(h.w, b.w, acc);
-}
 
 // The slice (0 .. S-1) that holds column n: slice i owns [off[i], off[i+1]).
 __device__ __forceinline__ int slice_of(const MultiExpandParams& p, int64_t n) {
@@ -463,34 +441,7 @@ __global__ void __launch_bounds__(kPrefillThreads, 1)
     }
     __syncthreads();
 
-#pragma unroll
-    for (int j4 = 0; j4 < kRankChunk / 4; ++j4) {
-      if (uniform) {  // all 8 columns in one slice: each h value is read once for 8 columns
-        float4 hv[kRowsPerWarp];
-#pragma unroll
-        for (int row = 0; row < kRowsPerWarp; ++row) {
-          hv[row] = *reinterpret_cast<const float4*>(h_s + ((ty * kRowsPerWarp + row) * S + sl[0]) * kRankChunk +
-                                                     j4 * 4);
-        }
-#pragma unroll
-        for (int c = 0; c < 8; ++c) {
-          const float4 bv = *reinterpret_cast<const float4*>(b_s + (c * 32 + tx) * kBStride + j4 * 4);
-#pragma unroll
-          for (int row = 0; row < kRowsPerWarp; ++row) acc[row][c] = dot4_add(hv[row], bv, acc[row][c]);
-        }
-      } else {  // the thread's columns straddle a slice boundary
-#pragma unroll
-        for (int c = 0; c < 8; ++c) {
-          const float4 bv = *reinterpret_cast<const float4*>(b_s + (c * 32 + tx) * kBStride + j4 * 4);
-#pragma unroll
-          for (int row = 0; row < kRowsPerWarp; ++row) {
-            const float4 hv = *reinterpret_cast<const float4*>(
-                h_s + ((ty * kRowsPerWarp + row) * S + sl[c]) * kRankChunk + j4 * 4);
-            acc[row][c] = dot4_add(hv, bv, acc[row][c]);
-          }
-        }
-      }
-    }
+    expand_tile_fma<kRowsPerWarp, kRankChunk, kBStride>(acc, h_s, b_s, ty * kRowsPerWarp, tx, S, sl, uniform);
   }
 
   const int count = N - n0 >= 8 ? 8 : (N - n0 > 0 ? static_cast<int>(N - n0) : 0);

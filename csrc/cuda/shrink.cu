@@ -128,21 +128,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(TX) == 2 ? 2 : 1) shrink_kern
       }
     }
 
-#pragma unroll
-    for (int kk = 0; kk < 8; ++kk) {
-      const float* a_row = a_s + (kk * 32 + lane) * kAStride;
-#pragma unroll
-      for (int j4 = 0; j4 < kRankTile / 4; ++j4) {
-        const float4 av = *reinterpret_cast<const float4*>(a_row + j4 * 4);
-#pragma unroll
-        for (int row = 0; row < kRowsPerWarp; ++row) {
-          acc[row][j4 * 4 + 0] = fmaf(xv[row][kk], av.x, acc[row][j4 * 4 + 0]);
-          acc[row][j4 * 4 + 1] = fmaf(xv[row][kk], av.y, acc[row][j4 * 4 + 1]);
-          acc[row][j4 * 4 + 2] = fmaf(xv[row][kk], av.z, acc[row][j4 * 4 + 2]);
-          acc[row][j4 * 4 + 3] = fmaf(xv[row][kk], av.w, acc[row][j4 * 4 + 3]);
-        }
-      }
-    }
+    shrink_tile_fma<kRowsPerWarp, kRankTile, kAStride>(acc, xv, a_s, lane);
   }
 
   // Sum the 32 lanes (xor butterfly: every lane ends with the same total), then lane (idx % 32)
