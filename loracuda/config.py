@@ -72,6 +72,21 @@ def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+def linear_layout(base_layer: nn.Module, owner: str) -> tuple[bool, int, int]:
+    """(fan_in_fan_out, in_features K, out_features N) of an nn.Linear (weight [N, K]) or a transformers
+    Conv1D (weight [K, N], fan_in_fan_out True); TypeError naming ``owner``'s argument otherwise."""
+    if isinstance(base_layer, nn.Linear):
+        n, k = base_layer.weight.shape
+        return False, k, n
+    if is_conv1d(base_layer):
+        k, n = base_layer.weight.shape
+        return True, k, n
+    raise TypeError(
+        f"loracuda.{owner}: argument 'base_layer' must be an nn.Linear or transformers Conv1D, "
+        f"got {type(base_layer).__name__}"
+    )
+
+
 @dataclasses.dataclass
 class LoraConfig:
     """Settings of one LoRA adapter.

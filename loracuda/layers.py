@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .config import is_conv1d
+from .config import linear_layout
 from .functional import autocast_inputs, lora_linear
 
 _FACTOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -28,17 +28,7 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
-        if isinstance(base_layer, nn.Linear):
-            self.fan_in_fan_out = False
-            self.out_features, self.in_features = base_layer.weight.shape
-        elif is_conv1d(base_layer):
-            self.fan_in_fan_out = True
-            self.in_features, self.out_features = base_layer.weight.shape
-        else:
-            raise TypeError(
-                f"loracuda.LoRALinear: argument 'base_layer' must be an nn.Linear or transformers Conv1D, "
-                f"got {type(base_layer).__name__}"
-            )
+        self.fan_in_fan_out, self.in_features, self.out_features = linear_layout(base_layer, "LoRALinear")
         self.base_layer = base_layer
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()

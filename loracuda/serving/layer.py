@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..config import is_conv1d
+from ..config import linear_layout
 
 
 class BatchState:
@@ -68,17 +68,7 @@ class PooledLinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module, max_adapters: int, max_rank: int, state: BatchState):
         super().__init__()
-        if isinstance(base_layer, nn.Linear):
-            self.fan_in_fan_out = False
-            self.out_features, self.in_features = base_layer.weight.shape
-        elif is_conv1d(base_layer):
-            self.fan_in_fan_out = True
-            self.in_features, self.out_features = base_layer.weight.shape
-        else:
-            raise TypeError(
-                f"loracuda.PooledLinear: argument 'base_layer' must be an nn.Linear or transformers Conv1D, "
-                f"got {type(base_layer).__name__}"
-            )
+        self.fan_in_fan_out, self.in_features, self.out_features = linear_layout(base_layer, "PooledLinear")
         self.base_layer = base_layer
         weight = base_layer.weight
         dtype = torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
