@@ -109,7 +109,7 @@ PY
 }
 
 cuda_tests() {
-  "$PYTHON" -m pytest -m cuda tests -q -p no:cacheprovider --junitxml="$OUT/junit_cuda.xml" \
+  "$PYTHON" -m pytest -m cuda tests -q -p no:cacheprovider --durations=15 --junitxml="$OUT/junit_cuda.xml" \
     >"$OUT/pytest_cuda.log" 2>&1
   local rc=$?
   tail -n 15 "$OUT/pytest_cuda.log"
@@ -141,11 +141,13 @@ quick_bench() {
 export OUT PYTHON SANITIZER
 export -f build info cuda_tests sanitizer quick_bench
 
-run_step build 170 "build.log" build
-run_step info 30 "stdout" info
-run_step tests 80 "pytest_cuda.log, junit_cuda.xml" cuda_tests
+# Limits in seconds, 355 in all: the build is one architecture on 16 cores; the CUDA tests (about 870
+# cases with the multi-LoRA and training ones, a few of them torch.compile) get the largest share.
+run_step build 110 "build.log" build
+run_step info 15 "stdout" info
+run_step tests 130 "pytest_cuda.log, junit_cuda.xml" cuda_tests
 run_step sanitizer 60 "sanitizer.log" sanitizer
-run_step bench 75 "bench_quick.txt, bench_quick.json" quick_bench
+run_step bench 40 "bench_quick.txt, bench_quick.json" quick_bench
 
 {
   echo
