@@ -401,10 +401,9 @@ Tensor multi_shrink(const Tensor& x, const Tensor& lora_a_all, const Tensor& ran
           }
         }
 #endif
-        if (done) {
-        } else if (rank == r_max && lora_a_all.scalar_type() == acc) {  // every row used: one GEMM for all slices
+        if (!done && rank == r_max && lora_a_all.scalar_type() == acc) {  // every row used: one GEMM for all slices
           at::mm_out(hout, xin, lora_a_all.select(0, item.adapter).t());
-        } else {
+        } else if (!done) {
           const Tensor a = cache.slice_rows(item.adapter, num_slices, rank);  // [S, rank, K]
           for (int64_t s = 0; s < num_slices; ++s) {
             Tensor out = hout.narrow(1, s * r_max, rank);
