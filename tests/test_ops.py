@@ -28,6 +28,8 @@ from conftest import (
 )
 from samples import (
     BACKWARD_CASES,
+    F32,
+    Case,
     EXPAND_CASES,
     LORA_LINEAR_CASES,
     MERGE_CASES,
@@ -95,7 +97,25 @@ def test_merge(device_name, case):
     assert_unchanged(before, {"lora_a": lora_a, "lora_b": lora_b}, f"merge_ [{case}]")
 
 
-@pytest.mark.parametrize("device_name, case", device_cases(BACKWARD_CASES))
+# float32 ranks that the grid's r in {1, 8, 16, 64} leaves out: the CPU's one-read grad_y pass holds r in
+# vectors of 16 lanes (the last one masked) and rows in groups of 8, 4 or 2 by vector count; these reach
+# 2 and 3 vectors, r just past a vector, r past its limit of 64 (the BLAS path), row tails of every
+# group size, slices, and strided grad_y / h.
+WIDE_RANK_BACKWARD_CASES = [
+    Case(m, k, n, r, F32, F32, offsets, layout=layout)
+    for (m, k, n, r, offsets) in (
+        (9, 13, 67, 17, ()),
+        (300, 67, 250, 32, ()),
+        (7, 250, 13, 40, (0, 3, 8, 13)),
+        (5, 13, 67, 48, ()),
+        (3, 67, 1, 65, ()),
+        (1, 13, 250, 24, ()),
+    )
+    for layout in ("contiguous", "padded")
+]
+
+
+@pytest.mark.parametrize("device_name, case", device_cases(BACKWARD_CASES + WIDE_RANK_BACKWARD_CASES))
 def test_backward(device_name, case):
     device = use_device(device_name, "backward")
     s = backward_sample(case, device)

@@ -5,8 +5,10 @@
 //   grad_a = g^T @ (mask * x / q)                         [R, K]  ┐ the pass over x (and grad_x)
 //   grad_x += mask * (g @ lora_a) / q                     [M, K]  ┘
 //
-// float32 / float64 values skip a pass's blocking where BLAS can take the tensors as they are: the
-// grad_y pass always, the x pass when there is no dropout. Otherwise (bf16 / fp16 values, or dropout
+// float32 grad_y (unit column stride, r <= 64) on an AVX-512 machine takes the grad_y pass in one read
+// of grad_y (cpu/grad_y_pass_avx512.h). Otherwise float32 / float64 values skip a pass's blocking where
+// BLAS can take the tensors as they are: the grad_y pass (two BLAS reads of grad_y), and the x pass
+// when there is no dropout. Otherwise (bf16 / fp16 values, or dropout
 // in the x pass) the pass walks its M x K (or M x N) operand in row blocks that fit in L2: a block is
 // widened to the accumulation type, masked once, and used both for its grad_a (or grad_b) GEMM and for
 // its rows of grad_x, so x and grad_x are each read once and no M x K temporary exists. Reductions
@@ -18,6 +20,7 @@
 
 #include "checks.h"
 #include "cpu/common.h"
+#include "cpu/grad_y_pass_avx512.h"
 
 namespace loracuda {
 namespace cpu {
@@ -67,6 +70,38 @@ Tensor grad_y_pass_blocked(const Tensor& grad_y, const Tensor& h, const Tensor& 
   });
   return sum_in_order(partial).mul_(scale);
 }
+
+#ifdef LORACUDA_X86_DISPATCH
+// float32 grad_y with unit column stride, r <= 64, on an AVX-512 machine: the one-read loop of
+// cpu/grad_y_pass_avx512.h over fixed chunks of rows; fills g [M, R] and returns grad_b [N, r] =
+// scale * (the chunk sums, added in chunk order).
+bool one_read_grad_y_pass_applies(const Tensor& grad_y, const Tensor& h, int64_t r) {
+  return detail::isa() == detail::Isa::avx512 && grad_y.scalar_type() == at::kFloat && col_stride(grad_y) == 1 &&
+         col_stride(h) == 1 && r <= grad_y_avx512::kMaxRank;
+}
+
+Tensor grad_y_pass_one_read(const Tensor& grad_y, const Tensor& h, const Tensor& b, double scale,
+                            const std::vector<int64_t>& off, Tensor& g) {
+  const int64_t m = grad_y.size(0), n = grad_y.size(1), r = b.size(1);
+  const int64_t chunk = reduction_chunk_rows(m, 8, n * r, sizeof(float));
+  const int64_t chunks = (m + chunk - 1) / chunk;
+  Tensor partial = at::zeros({chunks, n, r}, grad_y.options());
+  const float* dyp = grad_y.const_data_ptr<float>();
+  const float* hp = h.const_data_ptr<float>();
+  const float* bp = b.const_data_ptr<float>();
+  float* gp = g.data_ptr<float>();
+  float* pp = partial.data_ptr<float>();
+  const int64_t rs = row_stride(grad_y), hs = row_stride(h), gs = g.stride(0);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      grad_y_avx512::run(dyp, rs, hp, hs, bp, static_cast<int>(r), off, c * chunk, std::min(m, (c + 1) * chunk),
+                         pp + c * n * r, gp, gs);
+    }
+  });
+  g.mul_(scale);
+  return sum_in_order(partial).mul_(scale);
+}
+#endif
 
 // The x pass in row blocks: returns grad_a [R, K] (accumulation type) and adds the LoRA part into
 // grad_x when given.
@@ -162,7 +197,17 @@ std::tuple<Tensor, Tensor> backward(const Tensor& grad_y, const Tensor& x, const
   dispatch_value_type(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     // ---- the grad_y pass: g and grad_b
-    if (wide) {
+#ifdef LORACUDA_X86_DISPATCH
+    const bool one_read = one_read_grad_y_pass_applies(grad_y, h, r);
+#else
+    const bool one_read = false;
+#endif
+    if (one_read) {
+#ifdef LORACUDA_X86_DISPATCH
+      grad_b = grad_y_pass_one_read(grad_y, h, b, scale, off, g);
+#endif
+    } else if (wide) {
+      // Elsewhere (float64, strided grad_y, r > 64, no AVX-512): BLAS, grad_y read twice.
       // grad_b^T [r, N] = h^T @ grad_y: with grad_y row-major, BLAS streams it about 1.6x faster in this
       // orientation than as grad_y^T @ h (measured, fp32, M = N = 2048, r = 16: 0.85 ms against 1.4 ms).
       Tensor grad_b_t = at::empty({r, n}, aopt);
