@@ -28,6 +28,8 @@ from conftest import (
 )
 from samples import (
     BACKWARD_CASES,
+    BF16,
+    F16,
     F32,
     Case,
     EXPAND_CASES,
@@ -97,7 +99,7 @@ def test_merge(device_name, case):
     assert_unchanged(before, {"lora_a": lora_a, "lora_b": lora_b}, f"merge_ [{case}]")
 
 
-# float32 ranks that the grid's r in {1, 8, 16, 64} leaves out: the CPU's one-read grad_y pass holds r in
+# Ranks that the grid's r in {1, 8, 16, 64} leaves out: the CPU's one-read grad_y pass holds r in
 # vectors of 16 lanes (the last one masked) and rows in groups of 8, 4 or 2 by vector count; these reach
 # 2 and 3 vectors, r just past a vector, r past its limit of 64 (the BLAS path), row tails of every
 # group size, slices, and strided grad_y / h.
@@ -112,6 +114,11 @@ WIDE_RANK_BACKWARD_CASES = [
         (1, 13, 250, 24, ()),
     )
     for layout in ("contiguous", "padded")
+] + [
+    # bf16 / fp16 values: the grad_y rows widened block by block, then the same loop
+    Case(300, 67, 250, 32, BF16, F32),
+    Case(7, 250, 13, 40, F16, F16, (0, 3, 8, 13), layout="padded"),
+    Case(9, 13, 67, 17, BF16, BF16),
 ]
 
 

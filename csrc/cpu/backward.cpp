@@ -33,53 +33,15 @@ Tensor sum_in_order(const Tensor& partials) {
   return total;
 }
 
-// The grad_y pass for bf16 / fp16 grad_y: fills g [M, R] and returns grad_b [N, r] (accumulation type,
-// scale applied).
-template <typename T>
-Tensor grad_y_pass_blocked(const Tensor& grad_y, const Tensor& h, const Tensor& b, double scale,
-                           const std::vector<int64_t>& off, Tensor& g) {
-  const int64_t m = grad_y.size(0), n = grad_y.size(1), r = b.size(1);
-  const int64_t slices = static_cast<int64_t>(off.size()) - 1;
-  const T* dyp = grad_y.const_data_ptr<T>();
-  const int64_t rs = row_stride(grad_y), cs = col_stride(grad_y);
-  const int64_t bm = block_rows(n, sizeof(float));
-  const int64_t chunk = reduction_chunk_rows(m, bm, n * r, sizeof(float));
-  const int64_t chunks = (m + chunk - 1) / chunk;
-  const auto fopt = grad_y.options().dtype(at::kFloat);
-  Tensor partial = at::zeros({chunks, n, r}, fopt);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // TLS: per worker thread
-    std::vector<float> buf(static_cast<size_t>(bm * n));
-    for (int64_t c = c0; c < c1; ++c) {
-      Tensor part = partial[c];
-      for (int64_t m0 = c * chunk; m0 < std::min(m, (c + 1) * chunk); m0 += bm) {
-        const int64_t mb = std::min(bm, m - m0);
-        for (int64_t i = 0; i < mb; ++i) load_row(dyp + (m0 + i) * rs, cs, n, buf.data() + i * n);
-        const Tensor dyb = at::from_blob(buf.data(), {mb, n}, fopt);
-        const Tensor hb = h.narrow(0, m0, mb);
-        Tensor gb = g.narrow(0, m0, mb);
-        for (int64_t s = 0; s < slices; ++s) {
-          const int64_t n0 = off[s], ns = off[s + 1] - off[s];
-          const Tensor dys = dyb.narrow(1, n0, ns);
-          gb.narrow(1, s * r, r).copy_(at::mm(dys, b.narrow(0, n0, ns)));
-          part.narrow(0, n0, ns).addmm_(dys.t(), hb.narrow(1, s * r, r));
-        }
-        gb.mul_(scale);
-      }
-    }
-  });
-  return sum_in_order(partial).mul_(scale);
-}
-
 #ifdef LORACUDA_X86_DISPATCH
-// float32 grad_y with unit column stride, r <= 64, on an AVX-512 machine: the one-read loop of
-// cpu/grad_y_pass_avx512.h over fixed chunks of rows; fills g [M, R] and returns grad_b [N, r] =
-// scale * (the chunk sums, added in chunk order).
-bool one_read_grad_y_pass_applies(const Tensor& grad_y, const Tensor& h, int64_t r) {
-  return detail::isa() == detail::Isa::avx512 && grad_y.scalar_type() == at::kFloat && col_stride(grad_y) == 1 &&
-         col_stride(h) == 1 && r <= grad_y_avx512::kMaxRank;
+// The one-read loop of cpu/grad_y_pass_avx512.h applies on an AVX-512 machine to float32 rows of grad_y
+// with unit column stride when h [M, R] (float32) has unit column stride and r <= 64.
+bool one_read_loop_applies(const Tensor& h, int64_t r) {
+  return detail::isa() == detail::Isa::avx512 && col_stride(h) == 1 && r <= grad_y_avx512::kMaxRank;
 }
 
+// float32 grad_y: that loop over fixed chunks of rows; fills g [M, R] and returns grad_b [N, r] =
+// scale * (the chunk sums, added in chunk order).
 Tensor grad_y_pass_one_read(const Tensor& grad_y, const Tensor& h, const Tensor& b, double scale,
                             const std::vector<int64_t>& off, Tensor& g) {
   const int64_t m = grad_y.size(0), n = grad_y.size(1), r = b.size(1);
@@ -102,6 +64,57 @@ Tensor grad_y_pass_one_read(const Tensor& grad_y, const Tensor& h, const Tensor&
   return sum_in_order(partial).mul_(scale);
 }
 #endif
+
+// The grad_y pass for bf16 / fp16 grad_y: fills g [M, R] and returns grad_b [N, r] (accumulation type,
+// scale applied). Each row block is widened once into an L2-resident float32 buffer, which the one-read
+// loop (AVX-512, r <= 64) or two BLAS GEMMs then use.
+template <typename T>
+Tensor grad_y_pass_blocked(const Tensor& grad_y, const Tensor& h, const Tensor& b, double scale,
+                           const std::vector<int64_t>& off, Tensor& g) {
+  const int64_t m = grad_y.size(0), n = grad_y.size(1), r = b.size(1);
+  const int64_t slices = static_cast<int64_t>(off.size()) - 1;
+  const T* dyp = grad_y.const_data_ptr<T>();
+  const int64_t rs = row_stride(grad_y), cs = col_stride(grad_y);
+  const int64_t bm = block_rows(n, sizeof(float));
+  const int64_t chunk = reduction_chunk_rows(m, bm, n * r, sizeof(float));
+  const int64_t chunks = (m + chunk - 1) / chunk;
+  const auto fopt = grad_y.options().dtype(at::kFloat);
+  Tensor partial = at::zeros({chunks, n, r}, fopt);
+#ifdef LORACUDA_X86_DISPATCH
+  const bool one_read = one_read_loop_applies(h, r);  // the widened rows are float32 of unit stride
+#endif
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;  // TLS: per worker thread
+    std::vector<float> buf(static_cast<size_t>(bm * n));
+    for (int64_t c = c0; c < c1; ++c) {
+      Tensor part = partial[c];
+      for (int64_t m0 = c * chunk; m0 < std::min(m, (c + 1) * chunk); m0 += bm) {
+        const int64_t mb = std::min(bm, m - m0);
+        for (int64_t i = 0; i < mb; ++i) load_row(dyp + (m0 + i) * rs, cs, n, buf.data() + i * n);
+        Tensor gb = g.narrow(0, m0, mb);
+#ifdef LORACUDA_X86_DISPATCH
+        if (one_read) {  // the widened block through the float32 one-read loop
+          grad_y_avx512::run(buf.data(), n, h.const_data_ptr<float>() + m0 * row_stride(h), row_stride(h),
+                             b.const_data_ptr<float>(), static_cast<int>(r), off, 0, mb, part.data_ptr<float>(),
+                             gb.data_ptr<float>(), gb.stride(0));
+          gb.mul_(scale);
+          continue;
+        }
+#endif
+        const Tensor dyb = at::from_blob(buf.data(), {mb, n}, fopt);
+        const Tensor hb = h.narrow(0, m0, mb);
+        for (int64_t s = 0; s < slices; ++s) {
+          const int64_t n0 = off[s], ns = off[s + 1] - off[s];
+          const Tensor dys = dyb.narrow(1, n0, ns);
+          gb.narrow(1, s * r, r).copy_(at::mm(dys, b.narrow(0, n0, ns)));
+          part.narrow(0, n0, ns).addmm_(dys.t(), hb.narrow(1, s * r, r));
+        }
+        gb.mul_(scale);
+      }
+    }
+  });
+  return sum_in_order(partial).mul_(scale);
+}
 
 // The x pass in row blocks: returns grad_a [R, K] (accumulation type) and adds the LoRA part into
 // grad_x when given.
@@ -198,7 +211,7 @@ std::tuple<Tensor, Tensor> backward(const Tensor& grad_y, const Tensor& x, const
     using T = decltype(tag);
     // ---- the grad_y pass: g and grad_b
 #ifdef LORACUDA_X86_DISPATCH
-    const bool one_read = one_read_grad_y_pass_applies(grad_y, h, r);
+    const bool one_read = x.scalar_type() == at::kFloat && col_stride(grad_y) == 1 && one_read_loop_applies(h, r);
 #else
     const bool one_read = false;
 #endif
