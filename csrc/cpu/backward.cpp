@@ -6,7 +6,8 @@
 //   grad_x += mask * (g @ lora_a) / q                     [M, K]  ┘
 //
 // float32 grad_y (unit column stride, r <= 64) on an AVX-512 machine takes the grad_y pass in one read
-// of grad_y (cpu/grad_y_pass_avx512.h). Otherwise float32 / float64 values skip a pass's blocking where
+// of grad_y (cpu/grad_y_pass_avx512.h), and float32 x without dropout the x pass in one read of x and
+// one read-modify-write of grad_x (cpu/x_pass_avx512.h). Otherwise float32 / float64 values skip a pass's blocking where
 // BLAS can take the tensors as they are: the grad_y pass (two BLAS reads of grad_y), and the x pass
 // when there is no dropout. Otherwise (bf16 / fp16 values, or dropout
 // in the x pass) the pass walks its M x K (or M x N) operand in row blocks that fit in L2: a block is
@@ -21,6 +22,7 @@
 #include "checks.h"
 #include "cpu/common.h"
 #include "cpu/grad_y_pass_avx512.h"
+#include "cpu/x_pass_avx512.h"
 
 namespace loracuda {
 namespace cpu {
@@ -115,6 +117,31 @@ Tensor grad_y_pass_blocked(const Tensor& grad_y, const Tensor& h, const Tensor& 
   });
   return sum_in_order(partial).mul_(scale);
 }
+
+#ifdef LORACUDA_X86_DISPATCH
+// float32 x (and grad_x when given) of unit column stride, no dropout, on an AVX-512 machine: the
+// one-read loop of cpu/x_pass_avx512.h over fixed chunks of rows adds the LoRA part into grad_x and
+// returns grad_a [R, K] = the chunk sums, added in chunk order (the same sums with or without grad_x).
+Tensor x_pass_one_read(const Tensor& x, const Tensor& g, const Tensor& a, const std::optional<Tensor>& grad_x) {
+  const int64_t m = x.size(0), k = x.size(1), big_r = a.size(0);
+  const int64_t chunk = reduction_chunk_rows(m, x_pass_avx512::kGroupRows, big_r * k, sizeof(float));
+  const int64_t chunks = (m + chunk - 1) / chunk;
+  Tensor partial = at::zeros({chunks, big_r, k}, x.options());
+  const float* xp = x.const_data_ptr<float>();
+  float* gxp = grad_x.has_value() ? grad_x->data_ptr<float>() : nullptr;
+  const float* gp = g.const_data_ptr<float>();
+  const float* ap = a.const_data_ptr<float>();
+  float* pp = partial.data_ptr<float>();
+  const int64_t xs = row_stride(x), gxs = grad_x.has_value() ? row_stride(*grad_x) : 0, gs = g.stride(0);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      x_pass_avx512::rows(xp, xs, gxp, gxs, gp, gs, ap, big_r, k, c * chunk, std::min(m, (c + 1) * chunk),
+                          pp + c * big_r * k);
+    }
+  });
+  return sum_in_order(partial);
+}
+#endif
 
 // The x pass in row blocks: returns grad_a [R, K] (accumulation type) and adds the LoRA part into
 // grad_x when given.
@@ -241,7 +268,17 @@ std::tuple<Tensor, Tensor> backward(const Tensor& grad_y, const Tensor& x, const
       grad_b = grad_y_pass_blocked<T>(grad_y, h, b, scale, off, g);
     }
     // ---- the x pass: grad_a and grad_x
-    if (wide && !drop.active) {
+#ifdef LORACUDA_X86_DISPATCH
+    const bool fused_x = x.scalar_type() == at::kFloat && !drop.active && detail::isa() == detail::Isa::avx512 &&
+                         col_stride(x) == 1 && (!grad_x.has_value() || col_stride(*grad_x) == 1);
+#else
+    const bool fused_x = false;
+#endif
+    if (fused_x) {
+#ifdef LORACUDA_X86_DISPATCH
+      grad_a = x_pass_one_read(x, g, a, grad_x);
+#endif
+    } else if (wide && !drop.active) {
       grad_a = at::mm(g.t(), x);
       if (grad_x.has_value()) grad_x->addmm_(g, a);
     } else {

@@ -1,0 +1,112 @@
+// The x pass of the CPU backward for float32 values without dropout, in one read of x and one
+// read-modify-write of grad_x (AVX-512):
+//
+//   part[j, k]    += sum over m in [m0, m1) of g[m, j] * x[m, k]     [R, K]  (grad_a's chunk sum)
+//   grad_x[m, k]  += sum over j of g[m, j] * a[j, k]                 [M, K]
+//
+// The vector lanes are 16 consecutive columns k. A group of 8 rows keeps its x vectors and grad_x terms of
+// one column chunk in registers while j runs over all R rows of a: each g[m, j] is broadcast once and
+// feeds one FMA into part[j, chunk] (with x[m, chunk]) and one into grad_x[m, chunk] (with a[j, chunk]).
+// part [R, K] and a [R, K] (128 KiB each at R = 16, K = 2048) stay in L2; x and grad_x stream.
+//
+// Why not BLAS (grad_a = g^T @ x, then grad_x += g @ a): that reads x once and grad_x twice (the
+// base GEMM wrote it, then the rank-r update reads and writes it again), at rank 16 at about half the
+// machine's FMA rate. The sums over m (part) and over j (grad_x) run in a fixed order, independent of
+// the thread count.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#ifdef LORACUDA_X86_DISPATCH
+#include <immintrin.h>
+
+namespace loracuda {
+namespace cpu {
+namespace x_pass_avx512 {
+
+constexpr int kGroupRows = 8;
+
+// One group of kRows rows (x row i at x + i * xs, grad_x row i at gx + i * gxs, g row i at g + i * gs;
+// unit column strides), columns [0, k_len), all R rows of a [R, a_stride]: part [R, part_stride] and the
+// grad_x rows updated (kGradX; without it only part, by the same sums: grad_a does not depend on
+// whether grad_x is asked for).
+template <int kRows, bool kGradX>
+__attribute__((target("avx512f"))) void group(const float* x, int64_t xs, float* gx, int64_t gxs, const float* g,
+                                              int64_t gs, const float* a, int64_t as, int64_t big_r, int64_t k_len,
+                                              float* part, int64_t ps) {
+  for (int64_t k = 0; k < k_len; k += 16) {
+    const __mmask16 mask =
+        k + 16 <= k_len ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (k_len - k)) - 1u);
+    // lora[i] = the rank-R term of grad_x's row, summed from zero and added to grad_x once at the end
+    // (as g @ a, then +=): R roundings at the term's magnitude, not at grad_x's.
+    __m512 xv[kRows], lora[kRows];
+#pragma GCC unroll 8
+    for (int i = 0; i < kRows; ++i) {
+      xv[i] = _mm512_maskz_loadu_ps(mask, x + i * xs + k);
+      lora[i] = _mm512_setzero_ps();
+    }
+    for (int64_t j = 0; j < big_r; ++j) {
+      const __m512 av = kGradX ? _mm512_maskz_loadu_ps(mask, a + j * as + k) : _mm512_setzero_ps();
+      // part[j, chunk] += the group's rows in two chains (even rows onto the stored value, odd rows
+      // from zero), joined at the end: half the dependent-FMA latency of one chain.
+      __m512 even = _mm512_maskz_loadu_ps(mask, part + j * ps + k), odd = _mm512_setzero_ps();
+#pragma GCC unroll 8
+      for (int i = 0; i < kRows; ++i) {
+        const __m512 gij = _mm512_set1_ps(g[i * gs + j]);
+        if constexpr (kGradX) lora[i] = _mm512_fmadd_ps(gij, av, lora[i]);
+        if (i % 2 == 0) {
+          even = _mm512_fmadd_ps(gij, xv[i], even);
+        } else {
+          odd = _mm512_fmadd_ps(gij, xv[i], odd);
+        }
+      }
+      _mm512_mask_storeu_ps(part + j * ps + k, mask, kRows > 1 ? _mm512_add_ps(even, odd) : even);
+    }
+    if constexpr (!kGradX) continue;
+#pragma GCC unroll 8
+    for (int i = 0; i < kRows; ++i) {
+      float* out = gx + i * gxs + k;
+      _mm512_mask_storeu_ps(out, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, out), lora[i]));
+    }
+  }
+}
+
+// The group for a tail of nr < kMax rows, instantiated for exactly nr rows.
+template <int kMax, bool kGradX>
+void tail_group(int nr, const float* x, int64_t xs, float* gx, int64_t gxs, const float* g, int64_t gs,
+                const float* a, int64_t as, int64_t big_r, int64_t k_len, float* part, int64_t ps) {
+  if constexpr (kMax > 1) {
+    if (nr == kMax - 1) return group<kMax - 1, kGradX>(x, xs, gx, gxs, g, gs, a, as, big_r, k_len, part, ps);
+    return tail_group<kMax - 1, kGradX>(nr, x, xs, gx, gxs, g, gs, a, as, big_r, k_len, part, ps);
+  }
+}
+
+// Rows [m0, m1): x [M, K] (row stride xs), grad_x [M, K] (row stride gxs; null: grad_a only), g [M, R]
+// (row stride gs), a [R, K] contiguous; part [R, K] contiguous += this chunk's sums.
+template <bool kGradX>
+void rows_of(const float* x, int64_t xs, float* gx, int64_t gxs, const float* g, int64_t gs, const float* a,
+             int64_t big_r, int64_t k_len, int64_t m0, int64_t m1, float* part) {
+  for (int64_t i0 = m0; i0 < m1; i0 += kGroupRows) {
+    const int nr = static_cast<int>(std::min<int64_t>(kGroupRows, m1 - i0));
+    const float* xr = x + i0 * xs;
+    float* gxr = kGradX ? gx + i0 * gxs : nullptr;
+    const float* gr = g + i0 * gs;
+    if (nr == kGroupRows) {
+      group<kGroupRows, kGradX>(xr, xs, gxr, gxs, gr, gs, a, k_len, big_r, k_len, part, k_len);
+    } else {
+      tail_group<kGroupRows, kGradX>(nr, xr, xs, gxr, gxs, gr, gs, a, k_len, big_r, k_len, part, k_len);
+    }
+  }
+}
+
+inline void rows(const float* x, int64_t xs, float* gx, int64_t gxs, const float* g, int64_t gs, const float* a,
+                 int64_t big_r, int64_t k_len, int64_t m0, int64_t m1, float* part) {
+  if (gx != nullptr) return rows_of<true>(x, xs, gx, gxs, g, gs, a, big_r, k_len, m0, m1, part);
+  rows_of<false>(x, xs, gx, gxs, g, gs, a, big_r, k_len, m0, m1, part);
+}
+
+}  // namespace x_pass_avx512
+}  // namespace cpu
+}  // namespace loracuda
+#endif
