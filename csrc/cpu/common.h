@@ -15,6 +15,7 @@
 #include <cstring>
 #include <optional>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "dropout_hash.h"
@@ -113,6 +114,17 @@ inline Tensor adapter_as(const Tensor& t, at::ScalarType acc) { return t.to(acc)
 inline int64_t block_rows(int64_t width, int64_t elem_bytes) {
   const int64_t rows = (int64_t{256} * 1024) / std::max<int64_t>(1, width * elem_bytes);
   return std::clamp<int64_t>(rows, 8, 64);
+}
+
+// Calls fn(std::integral_constant<int, nr>{}) for a run-time row count 1 <= nr <= kMax, so that a
+// register-blocked loop can be instantiated for exactly the rows of a tail group (padding rows would
+// multiply their values by zero, and inf * 0 is NaN).
+template <int kMax, typename Fn>
+inline void with_row_count(int nr, Fn&& fn) {
+  if constexpr (kMax > 0) {
+    if (nr == kMax) return fn(std::integral_constant<int, kMax>{});
+    return with_row_count<kMax - 1>(nr, std::forward<Fn>(fn));
+  }
 }
 
 // A reduction over M (grad_a, grad_b) is summed per fixed chunk of rows, then the chunk partials in

@@ -19,8 +19,10 @@
 #include <cstdint>
 #include <vector>
 
+
+#include "cpu/common.h"
+
 #ifdef LORACUDA_X86_DISPATCH
-#include <immintrin.h>
 
 namespace loracuda {
 namespace cpu {
@@ -84,17 +86,6 @@ __attribute__((target("avx512f"))) void group(const float* dy, int64_t rs, const
   }
 }
 
-// The group for a tail of nr < kMax rows: the kernel instantiated for exactly nr rows (padding rows
-// would multiply their grad_y values by zero, and inf * 0 is NaN).
-template <int kVec, int kMax>
-void tail_group(int nr, const float* dy, int64_t rs, const float* h, int64_t hs, const float* b, int r, int64_t ns,
-                float* part, float* g, int64_t gs, __mmask16 last) {
-  if constexpr (kMax > 1) {
-    if (nr == kMax - 1) return group<kMax - 1, kVec>(dy, rs, h, hs, b, r, ns, part, g, gs, last);
-    return tail_group<kVec, kMax - 1>(nr, dy, rs, h, hs, b, r, ns, part, g, gs, last);
-  }
-}
-
 // Rows [m0, m1) of dy [M, N] (row stride rs, unit column stride), all slices (`off`, S + 1 column
 // offsets): g rows [m0, m1) of [M, S * r] (row stride gs) and part [N, r] += this chunk's sums.
 template <int kVec>
@@ -111,11 +102,9 @@ void rows(const float* dy, int64_t rs, const float* h, int64_t hs, const float* 
       const float* dys = dy + i0 * rs + n0;
       const float* hs_ = h + i0 * hs + s * r;
       float* gs_ = g + i0 * gs + s * r;
-      if (nr == kRows) {
-        group<kRows, kVec>(dys, rs, hs_, hs, b + n0 * r, r, ns, part + n0 * r, gs_, gs, last);
-      } else {
-        tail_group<kVec, kRows>(nr, dys, rs, hs_, hs, b + n0 * r, r, ns, part + n0 * r, gs_, gs, last);
-      }
+      with_row_count<kRows>(nr, [&](auto rows_c) {
+        group<decltype(rows_c)::value, kVec>(dys, rs, hs_, hs, b + n0 * r, r, ns, part + n0 * r, gs_, gs, last);
+      });
     }
   }
 }

@@ -18,8 +18,9 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "cpu/common.h"
+
 #ifdef LORACUDA_X86_DISPATCH
-#include <immintrin.h>
 
 namespace loracuda {
 namespace cpu {
@@ -72,16 +73,6 @@ __attribute__((target("avx512f"))) void group(const float* x, int64_t xs, float*
   }
 }
 
-// The group for a tail of nr < kMax rows, instantiated for exactly nr rows.
-template <int kMax, bool kGradX>
-void tail_group(int nr, const float* x, int64_t xs, float* gx, int64_t gxs, const float* g, int64_t gs,
-                const float* a, int64_t as, int64_t big_r, int64_t k_len, float* part, int64_t ps) {
-  if constexpr (kMax > 1) {
-    if (nr == kMax - 1) return group<kMax - 1, kGradX>(x, xs, gx, gxs, g, gs, a, as, big_r, k_len, part, ps);
-    return tail_group<kMax - 1, kGradX>(nr, x, xs, gx, gxs, g, gs, a, as, big_r, k_len, part, ps);
-  }
-}
-
 // Rows [m0, m1): x [M, K] (row stride xs), grad_x [M, K] (row stride gxs; null: grad_a only), g [M, R]
 // (row stride gs), a [R, K] contiguous; part [R, K] contiguous += this chunk's sums.
 template <bool kGradX>
@@ -92,11 +83,9 @@ void rows_of(const float* x, int64_t xs, float* gx, int64_t gxs, const float* g,
     const float* xr = x + i0 * xs;
     float* gxr = kGradX ? gx + i0 * gxs : nullptr;
     const float* gr = g + i0 * gs;
-    if (nr == kGroupRows) {
-      group<kGroupRows, kGradX>(xr, xs, gxr, gxs, gr, gs, a, k_len, big_r, k_len, part, k_len);
-    } else {
-      tail_group<kGroupRows, kGradX>(nr, xr, xs, gxr, gxs, gr, gs, a, k_len, big_r, k_len, part, k_len);
-    }
+    with_row_count<kGroupRows>(nr, [&](auto rows_c) {
+      group<decltype(rows_c)::value, kGradX>(xr, xs, gxr, gxs, gr, gs, a, k_len, big_r, k_len, part, k_len);
+    });
   }
 }
 
