@@ -18,6 +18,7 @@ from conftest import (
     FACTOR_GRADIENTS,
     LORA_LINEAR_OPS,
     assert_guards_intact,
+    assert_within_rule,
     assert_unchanged,
     check_result,
     device_cases,
@@ -116,6 +117,35 @@ def test_backward(device_name, case):
         check_result(f"backward [{case}] grad_x", case, grad_x, gx0 + plain_x, to64(gx0) + ref_x, FACTOR_GRADIENTS)
     assert_guards_intact(s)
     assert_unchanged(before, read_only, f"backward [{case}]")
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=("f32", "bf16"))
+@pytest.mark.parametrize("device_name", ("cpu", pytest.param("cuda", marks=pytest.mark.cuda)))
+def test_backward_slices_read_only_their_columns(device_name, dtype):
+    """Each slice's g = scale * grad_y[:, slice] @ lora_b[slice] reads only its own columns of grad_y: an
+    inf in slice 0's columns leaves the gradients that do not depend on slice 0 finite and within the
+    tolerance rule (the rows of grad_a of slices 1 and 2, the rows of grad_b other than the inf's
+    column), as the reference computes them slice by slice."""
+    device = use_device(device_name, "backward")
+    gen = torch.Generator().manual_seed(0x511CE)
+    m, k, r, offsets = 300, 40, 4, (0, 24, 40, 72)
+    n, inf_col = offsets[-1], 5
+    grad_y = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    grad_y[:, inf_col] = float("inf")
+    x = torch.randn(m, k, generator=gen, dtype=torch.float64)
+    h = torch.randn(m, 3 * r, generator=gen, dtype=torch.float64)
+    lora_a = torch.randn(3 * r, k, generator=gen, dtype=torch.float64) * k**-0.5
+    lora_b = torch.randn(n, r, generator=gen, dtype=torch.float64) * r**-0.5
+    # h is float32 whatever the value dtype; the factors are in the values' dtype.
+    inputs = [grad_y.to(dtype), x.to(dtype), h.float(), lora_a.to(dtype), lora_b.to(dtype)]
+    grad_a, grad_b = torch.ops.loracuda.backward(*(t.to(device) for t in inputs), 0.7, 0.0, None, list(offsets), None)
+    ref_a, ref_b, _ = reference.backward(*(to64(t) for t in inputs), 0.7, 0.0, None, offsets)
+    plain_a, plain_b, _ = reference.backward(*inputs, 0.7, 0.0, None, offsets)
+    rows = slice(r, 3 * r)  # grad_a rows of slices 1 and 2
+    assert torch.isfinite(ref_a[rows]).all(), "test defect: the reference rows should be finite"
+    assert_within_rule("grad_a, slices 1 and 2", grad_a[rows].cpu(), plain_a[rows], ref_a[rows], FACTOR_GRADIENTS)
+    keep = [c for c in range(n) if c != inf_col]
+    assert_within_rule("grad_b, rows without the inf", grad_b[keep].cpu(), plain_b[keep], ref_b[keep], FACTOR_GRADIENTS)
 
 
 @pytest.mark.parametrize("device_name, case", device_cases(LORA_LINEAR_CASES))

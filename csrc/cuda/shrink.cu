@@ -6,6 +6,11 @@
 // tile (one 16-byte load per row for bf16/fp16), so each a value read from shared memory feeds 4
 // FMAs. Each lane accumulates its columns' products; a warp butterfly sums the 32 lanes at the end.
 //
+// Sliced operand (backward's g = scale * grad_y[:, slice i] @ b[slice i], "a" = lora_b [K, r]): a
+// block's rank tile lies inside one slice i (each slice has ceil(r / 16) tiles) and streams only that
+// slice's columns [off[i], off[i+1]) of x, as the CPU kernel does: values of x outside the slice are
+// never read, so an inf there cannot turn another slice's g into NaN (inf * 0).
+//
 // Small M (decode): the grid of row x rank tiles would leave most of the chip idle, so K is split
 // across blocks (grid.z). Each split writes its partial sums to the workspace and a second kernel
 // adds the splits in ascending order: no float atomics, the result repeats bit for bit.
@@ -69,9 +74,20 @@ ShrinkPlan make_plan(const ShrinkParams& p) {
   plan.ntiles = plan.mma ? mma_rank_ntiles(p.rank) : 0;
   const int64_t rank_rows = plan.mma ? 8 * plan.ntiles : kRankTile;
   const int64_t tile_rows = plan.mma ? kMmaWarpRows : kBlockRows;
-  plan.rank_tiles = (p.rank + rank_rows - 1) / rank_rows;
   plan.row_tiles = (p.m + tile_rows - 1) / tile_rows;
-  plan.num_tiles = p.k > 0 ? (p.k + kKTile - 1) / kKTile : 1;
+  if (p.num_slices > 0) {
+    // Rank tiles per slice, K tiles of the widest slice (a block of a narrower one runs out early).
+    plan.rank_tiles = p.num_slices * ((p.slice_rank + kRankTile - 1) / kRankTile);
+    int64_t widest = 0;
+    for (int i = 0; i < p.num_slices && i < kMaxSlices; ++i) {  // launch_shrink rejects more slices
+      const int64_t width = p.slice_offsets[i + 1] - p.slice_offsets[i];
+      if (width > widest) widest = width;
+    }
+    plan.num_tiles = widest > 0 ? (widest + kKTile - 1) / kKTile : 1;
+  } else {
+    plan.rank_tiles = (p.rank + rank_rows - 1) / rank_rows;
+    plan.num_tiles = p.k > 0 ? (p.k + kKTile - 1) / kKTile : 1;
+  }
   // Work that runs side by side without a split, and how much fills the chip: blocks of 8 warps, 2
   // per SM (FMA); independent warps, 16 per SM (mma).
   const int64_t sms = p.num_sms > 0 ? p.num_sms : 132;
@@ -102,11 +118,22 @@ __global__ void __launch_bounds__(kThreads, sizeof(TX) == 2 ? 2 : 1) shrink_kern
   const int64_t M = p.m, K = p.k, R = p.rank;
   // grid.x enumerates (row tile, rank tile) with the rank tile fastest, so the blocks that read the
   // same 32 rows of x run side by side and all but the first find x in L2.
-  const int64_t rank_tiles = (R + kRankTile - 1) / kRankTile;
+  // The block's rows of a are j0 .. min(j0 + 16, j_end) - 1 and its columns of x k_lo .. k_hi - 1:
+  // all of them, or (sliced) slice i's rows and columns.
+  const int64_t tiles_per_slice = kSliced ? (p.slice_rank + kRankTile - 1) / kRankTile : 0;
+  const int64_t rank_tiles = kSliced ? p.num_slices * tiles_per_slice : (R + kRankTile - 1) / kRankTile;
   const int64_t row_tile = static_cast<int64_t>(blockIdx.x) / rank_tiles;
   const int64_t m_base = row_tile * kBlockRows + warp * kRowsPerWarp;
-  const int64_t j0 = (static_cast<int64_t>(blockIdx.x) - row_tile * rank_tiles) * kRankTile;
-  const int64_t num_tiles = (K + kKTile - 1) / kKTile;
+  const int64_t rank_tile = static_cast<int64_t>(blockIdx.x) - row_tile * rank_tiles;
+  const int64_t slice = kSliced ? rank_tile / tiles_per_slice : 0;
+  const int64_t j0 = kSliced ? slice * p.slice_rank + (rank_tile - slice * tiles_per_slice) * kRankTile
+                             : rank_tile * kRankTile;
+  const int64_t j_end = kSliced ? (slice + 1) * p.slice_rank : R;
+  const int64_t k_lo = kSliced ? p.slice_offsets[slice] : 0;
+  const int64_t k_hi = kSliced ? p.slice_offsets[slice + 1] : K;
+  // 16-byte loads of x at k_lo + multiples of 8 need k_lo's byte offset to be a multiple of 16 too.
+  const bool x_vec_here = x_vec && (k_lo * static_cast<int64_t>(sizeof(TX))) % 16 == 0;
+  const int64_t num_tiles = (k_hi - k_lo + kKTile - 1) / kKTile;
   const int64_t t_begin = static_cast<int64_t>(blockIdx.z) * tiles_per_split;
   const int64_t t_end = t_begin + tiles_per_split < num_tiles ? t_begin + tiles_per_split : num_tiles;
   const TX* __restrict__ x = static_cast<const TX*>(p.x);
@@ -121,7 +148,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(TX) == 2 ? 2 : 1) shrink_kern
   }
 
   for (int64_t t = t_begin; t < t_end; ++t) {
-    const int64_t k_tile0 = t * kKTile;
+    const int64_t k_tile0 = k_lo + t * kKTile;
     __syncthreads();  // every warp is done reading the previous tile of a_s
     // Stage a[j0 .. j0+15, k_tile0 .. k_tile0+255] as float32; zeros outside a. Column kl of the
     // tile is read by lane kl / 8 as its element kl % 8, so it is stored at slot (kl % 8) * 32 + kl / 8:
@@ -133,12 +160,9 @@ __global__ void __launch_bounds__(kThreads, sizeof(TX) == 2 ? 2 : 1) shrink_kern
       const int kl = kSliced ? q / kRankTile : q % kKTile;
       const int64_t j = j0 + jl, k = k_tile0 + kl;
       float v = 0.0f;
-      if (j < R && k < K) {
+      if (j < j_end && k < k_hi) {
         if constexpr (kSliced) {
-          const int64_t i = j / p.slice_rank;
-          if (k >= p.slice_offsets[i] && k < p.slice_offsets[i + 1]) {
-            v = load_float(a + k * p.slice_rank + (j - i * p.slice_rank));
-          }
+          v = load_float(a + k * p.slice_rank + (j - slice * p.slice_rank));
         } else {
           v = load_float(a + j * K + k);
         }
@@ -148,13 +172,13 @@ __global__ void __launch_bounds__(kThreads, sizeof(TX) == 2 ? 2 : 1) shrink_kern
     __syncthreads();
 
     const int64_t k0 = k_tile0 + lane * 8;
-    const int count = K - k0 >= 8 ? 8 : (K - k0 > 0 ? static_cast<int>(K - k0) : 0);
+    const int count = k_hi - k0 >= 8 ? 8 : (k_hi - k0 > 0 ? static_cast<int>(k_hi - k0) : 0);
     float xv[kRowsPerWarp][8];
 #pragma unroll
     for (int row = 0; row < kRowsPerWarp; ++row) {
       const int64_t m = m_base + row;
       if (m < M && count > 0) {
-        load8(x + m * p.x_row_stride + k0, x_vec && count == 8, count, xv[row]);
+        load8(x + m * p.x_row_stride + k0, x_vec_here && count == 8, count, xv[row]);
         if (drop.enabled) {
 #pragma unroll
           for (int c = 0; c < 8; ++c) {
@@ -183,7 +207,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(TX) == 2 ? 2 : 1) shrink_kern
       for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
       const int idx = row * kRankTile + j;
       const int64_t m = m_base + row, jj = j0 + j;
-      if ((idx & 31) == lane && m < M && jj < R) dst[m * R + jj] = final_output ? alpha * v : v;
+      if ((idx & 31) == lane && m < M && jj < j_end) dst[m * R + jj] = final_output ? alpha * v : v;
     }
   }
 }
