@@ -29,10 +29,14 @@ from conftest import (
 )
 from samples import (
     BACKWARD_CASES,
+    BF16,
     EXPAND_CASES,
+    F16,
+    LAYOUTS,
     LORA_LINEAR_CASES,
     MERGE_CASES,
     SHRINK_CASES,
+    Case,
     backward_sample,
     bit_pattern,
     expand_add_sample,
@@ -60,6 +64,46 @@ def test_shrink(device_name, case):
     plain = reference.shrink(x, lora_a, p, seed)
     check_result(f"shrink [{case}] h", case, h, plain, ref64)
     assert_unchanged(before, s.tensors(), f"shrink [{case}]")
+
+
+def _mma_shrink_cases() -> list[Case]:
+    """Shapes of the CUDA tensor-core shrink (M >= 16, bf16 / fp16 x with lora_a of x's dtype): every
+    M in {16, 17, 255, 1000} (one MMA row tile, one row past it, odd tails) with every K in {16, 24,
+    1000, 4104} (one MMA k step, a partial 32-column step, 4096 + 8) for each dtype; r in {1, 8, 16,
+    64} rotating, with S = 3 slices (R = 3r: rank tiles that end inside an 8-row MMA tile) on every
+    third case; the three layouts (padded: rows that allow no 16-byte load) and dropout rotating.
+    Two integer-valued cases must come out exact."""
+    cases = []
+    shapes = [(m, k) for m in (16, 17, 255, 1000) for k in (16, 24, 1000, 4104)]
+    for i, (m, k) in enumerate(shapes):
+        for j, dtype in enumerate((BF16, F16)):
+            r = (1, 8, 16, 64)[(i // 4 + i + j) % 4]  # a Latin square over (M, K): each r with each M and K
+            offsets = (0, 5, 9, 16) if (i + j) % 3 == 0 else ()
+            p = 0.1 if (i + 3 * j) % 5 == 1 else 0.0
+            cases.append(Case(m, k, 16, r, dtype, dtype, offsets, p, LAYOUTS[(i + 2 * j) % 3], "random"))
+    cases.append(Case(17, 24, 16, 8, BF16, BF16, (0, 5, 9, 16), 0.5, "padded", "integers"))
+    cases.append(Case(255, 1000, 16, 16, F16, F16, (), 0.0, "contiguous", "integers"))
+    return cases
+
+
+MMA_SHRINK_CASES = _mma_shrink_cases()
+
+
+@pytest.mark.parametrize("device_name, case", device_cases(MMA_SHRINK_CASES))
+def test_shrink_tensor_core_shapes(device_name, case):
+    """The tensor-core path's shapes (see _mma_shrink_cases), checked as test_shrink checks the grid."""
+    test_shrink(device_name, case)
+
+
+def test_mma_shrink_cases_cover_the_contract():
+    cases = MMA_SHRINK_CASES
+    assert {c.m for c in cases} >= {16, 17, 255, 1000} and {c.k for c in cases} >= {16, 24, 1000, 4104}
+    assert {c.r for c in cases} == {1, 8, 16, 64} and {c.slices for c in cases} == {1, 3}
+    assert {c.dtype for c in cases} == {BF16, F16} and all(c.adapter_dtype == c.dtype for c in cases)
+    assert {(c.m, c.k, c.dtype) for c in cases} >= {(m, k, d) for m in (16, 17, 255, 1000)
+                                                    for k in (16, 24, 1000, 4104) for d in (BF16, F16)}
+    assert {c.layout for c in cases} == set(LAYOUTS) and any(c.p > 0 for c in cases)
+    assert all(c.m >= 16 for c in cases)
 
 
 @pytest.mark.parametrize("device_name, case", device_cases(EXPAND_CASES))
