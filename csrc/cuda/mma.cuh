@@ -96,9 +96,12 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[
   // Lane (g, t) needs D rows g and g + 8, columns n = 2t and 2t + 1, summed over the 16 k slots. Slot
   // pair (2u, 2u+1) and (2u+8, 2u+9) of A row g sits in lane 4g + u (a[0] / a[2]; row g + 8: a[1] /
   // a[3]); the same slots of B column n sit in lane 4n + u (b[0] / b[1]).
+  // Unrolled by 2 only: the fallback only has to be correct, and this keeps its register use low
+  // enough that the kernels built on it do not spill for sm_75 (fully unrolled, or not at all, they
+  // did: ptxas of CUDA 13.0).
   const int lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
-#pragma unroll
+#pragma unroll 2
   for (int u = 0; u < 4; ++u) {
     const int src_a = 4 * g + u, src_b0 = 4 * (2 * t) + u, src_b1 = 4 * (2 * t + 1) + u;
     const float2 r0_lo = mma_unpack<T>(__shfl_sync(0xffffffffu, a[0], src_a));
