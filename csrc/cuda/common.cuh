@@ -365,8 +365,8 @@ __device__ __forceinline__ uint4 drop8_bits(const DeviceDropout& d, uint64_t ind
 // count as 0; the caller applies the keep scale to the sums.
 //
 // Each 32-column step, lane (g, t) (g = lane >> 2, t = lane & 3) loads columns kb + 8t .. kb + 8t + 7
-// of x rows m0 + 16 i + g and m0 + 16 i + g + 8 and of a's row 8 j + g: 2 kMT + kNT loads of 16 bytes,
-// all issued before the first MMA. Then, per (i, j), two MMAs: the first takes the lane's columns
+// of x rows m0 + 16 i + g and m0 + 16 i + g + 8 and of a's row 8 j + g: 2 kMT + kNT loads of 16 bytes
+// (element-wise ones in the last step of K or for unaligned rows), all issued before the first MMA. Then, per (i, j), two MMAs: the first takes the lane's columns
 // 8t .. 8t+3 (words .x = k slots 2t, 2t+1 and .y = slots 2t+8, 2t+9), the second 8t+4 .. 8t+7
 // (.z, .w): the same slot-to-column map in A and B, so their product is the sum over all 32 columns
 // (see mma.cuh). The MMAs run in a fixed order, so the result repeats bit for bit.
@@ -400,27 +400,47 @@ __device__ __forceinline__ void shrink_warp_mma(float (&acc)[kMT][kNT][4], const
     ar[j] = a_rows + (a_in[j] ? 8 * j + g : 0) * K;
   }
 
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
   for (int64_t kb = k_begin; kb < k_end; kb += 32) {
     const int64_t k0 = kb + 8 * t;
     const int count = K - k0 >= 8 ? 8 : (K - k0 > 0 ? static_cast<int>(K - k0) : 0);
-    const bool vec = count == 8;
     uint4 xv[kMT][2];
     uint4 av[kNT];
+    if (x_vec && a_vec && kb + 32 <= K) {
+      // The common step (the same in every lane): all 32 columns exist and every row allows 16-byte
+      // loads, so each row is one predicated load, without the element-wise branch.
 #pragma unroll
-    for (int i = 0; i < kMT; ++i) {
+      for (int i = 0; i < kMT; ++i) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int c = x_in[i][h] ? count : 0;
-        xv[i][h] = load8_bits(xr[i][h] + k0, x_vec && vec && c == 8, c);
-        if constexpr (kDropout) {
-          xv[i][h] = drop8_bits(drop, static_cast<uint64_t>(xm[i][h] * K + k0), c, xv[i][h]);
+        for (int h = 0; h < 2; ++h) {
+          xv[i][h] = x_in[i][h] ? __ldg(reinterpret_cast<const uint4*>(xr[i][h] + k0)) : zero;
         }
       }
-    }
 #pragma unroll
-    for (int j = 0; j < kNT; ++j) {
-      const int c = a_in[j] ? count : 0;
-      av[j] = load8_bits(ar[j] + k0, a_vec && vec && c == 8, c);
+      for (int j = 0; j < kNT; ++j) av[j] = a_in[j] ? __ldg(reinterpret_cast<const uint4*>(ar[j] + k0)) : zero;
+    } else {  // the last step of K, or rows that do not allow 16-byte loads
+#pragma unroll
+      for (int i = 0; i < kMT; ++i) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int c = x_in[i][h] ? count : 0;
+          xv[i][h] = load8_bits(xr[i][h] + k0, x_vec && c == 8, c);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+        const int c = a_in[j] ? count : 0;
+        av[j] = load8_bits(ar[j] + k0, a_vec && c == 8, c);
+      }
+    }
+    if constexpr (kDropout) {
+#pragma unroll
+      for (int i = 0; i < kMT; ++i) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          xv[i][h] = drop8_bits(drop, static_cast<uint64_t>(xm[i][h] * K + k0), x_in[i][h] ? count : 0, xv[i][h]);
+        }
+      }
     }
 #pragma unroll
     for (int i = 0; i < kMT; ++i) {

@@ -61,6 +61,8 @@ constexpr int kWarpsPerDecodeBlock = kDecodeShrinkThreads / 32;
 // (2 MMA row tiles of 16) x 8 * nt rows of a, nt = mma_rank_ntiles(R).
 constexpr int kMmaThreads = 128;
 constexpr int kMmaWarps = kMmaThreads / 32;
+// 4 resident blocks (16 warps) per SM, the occupancy the split-K plan aims at (a 128-register cap).
+constexpr int kMmaMinBlocks = 4;
 constexpr int kMmaRowTiles = 2;
 constexpr int kMmaWarpRows = 16 * kMmaRowTiles;  // 32 tokens: one id per lane for the vote
 
@@ -272,7 +274,7 @@ __global__ void __launch_bounds__(kPrefillThreads, sizeof(TX) == 2 ? 2 : 1)
 // tokens m0 .. m0+31 (m0 = 32 * row tile), rows j0 .. j0 + 8 kNT - 1 of the adapters' a, K chunks
 // [blockIdx.z * chunks_per_split, ..), written to the slab out + blockIdx.z * M * R.
 template <typename T, int kNT>
-__global__ void __launch_bounds__(kMmaThreads)
+__global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks)
     multi_shrink_prefill_mma_kernel(const MultiShrinkParams p, int64_t chunks_per_split, bool x_vec, bool a_vec,
                                     float* __restrict__ out) {
   const int lane = threadIdx.x & 31;

@@ -46,6 +46,10 @@ constexpr int kAStride = kRankTile + 4;
 // 8 * nt rows of a, nt = mma_rank_ntiles(R) n-tiles of 8.
 constexpr int kMmaThreads = 128;
 constexpr int kMmaWarps = kMmaThreads / 32;
+// 4 resident blocks (16 warps) per SM, the occupancy the split-K plan aims at: a 128-register cap,
+// under which ptxas also fits the dropout variants without a spill (left free, it gave the sm_80
+// bf16 / fp16 dropout kernel of 16 rows 167 registers and an 8-byte stack frame).
+constexpr int kMmaMinBlocks = 4;
 constexpr int kMmaRowTiles = 2;                  // 16-token MMA tiles per warp
 constexpr int kMmaWarpRows = 16 * kMmaRowTiles;  // 32 tokens per warp
 constexpr int64_t kMmaMinRows = 16;              // one full MMA row tile; fewer tokens keep the FMA path
@@ -217,7 +221,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(TX) == 2 ? 2 : 1) shrink_kern
 // find them in L2): tokens m0 .. m0+31, rows j0 .. j0 + 8 kNT - 1 of a, K tiles [blockIdx.z *
 // tiles_per_split, ..). out and final_output as in shrink_kernel. x_vec / a_vec: see shrink_warp_mma.
 template <typename T, int kNT, bool kDropout>
-__global__ void __launch_bounds__(kMmaThreads) shrink_mma_kernel(const ShrinkParams p, int64_t tiles_per_split,
+__global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks) shrink_mma_kernel(const ShrinkParams p, int64_t tiles_per_split,
                                                                   bool x_vec, bool a_vec, float* __restrict__ out,
                                                                   bool final_output) {
   const int lane = threadIdx.x & 31;
