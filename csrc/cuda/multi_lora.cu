@@ -5,7 +5,8 @@
 // can be captured in a CUDA graph): the kernels read them, treat an id outside [0, L) as "no
 // adapter", and never form an address from such an id.
 //
-// The host picks one of two paths from M alone:
+// The host picks one of two paths from M alone (and for prefill shrink, from the dtypes, the
+// tensor-core kernel below):
 //  - decode (M <= kDecodeMaxRows: few tokens, typically each with its own adapter) is a gather
 //    matrix-vector product. Shrink gives one warp one work item (token, 8-row tile of its
 //    adapter's a, range of K chunks) and splits K until the chip has enough warps; expand gives
@@ -15,7 +16,6 @@
 //    adapter (decided in the kernel from the ids) the adapter's tile is staged in shared memory
 //    once for all 32 tokens, with the layouts of shrink.cu and expand.cu; otherwise each token does
 //    the decode path's per-token work. Shrink splits K here too when the tiles leave the chip idle.
-//
 //  - prefill shrink with bf16 / fp16 x and a of the same dtype runs on tensor cores instead: one
 //    warp owns 32 tokens x 8, 16 or 32 rows of a (as shrink.cu's tensor-core path) and checks on its
 //    own (a warp vote over the 32 ids) whether its tokens share an adapter. If they do, it streams
