@@ -400,12 +400,11 @@ __device__ __forceinline__ void shrink_warp_mma(float (&acc)[kMT][kNT][4], const
     ar[j] = a_rows + (a_in[j] ? 8 * j + g : 0) * K;
   }
 
+  // Issues the loads of the 32-column step at kb into xv / av (nothing waits for them here).
   const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-  for (int64_t kb = k_begin; kb < k_end; kb += 32) {
+  const auto load_step = [&](int64_t kb, uint4 (&xv)[kMT][2], uint4 (&av)[kNT]) {
     const int64_t k0 = kb + 8 * t;
     const int count = K - k0 >= 8 ? 8 : (K - k0 > 0 ? static_cast<int>(K - k0) : 0);
-    uint4 xv[kMT][2];
-    uint4 av[kNT];
     if (x_vec && a_vec && kb + 32 <= K) {
       // The common step (the same in every lane): all 32 columns exist and every row allows 16-byte
       // loads, so each row is one predicated load, without the element-wise branch.
@@ -433,7 +432,13 @@ __device__ __forceinline__ void shrink_warp_mma(float (&acc)[kMT][kNT][4], const
         av[j] = load8_bits(ar[j] + k0, a_vec && c == 8, c);
       }
     }
+  };
+
+  // The MMAs of the step at kb on its loaded fragments (dropout applied first).
+  const auto mma_step = [&](int64_t kb, uint4 (&xv)[kMT][2], const uint4 (&av)[kNT]) {
     if constexpr (kDropout) {
+      const int64_t k0 = kb + 8 * t;
+      const int count = K - k0 >= 8 ? 8 : (K - k0 > 0 ? static_cast<int>(K - k0) : 0);
 #pragma unroll
       for (int i = 0; i < kMT; ++i) {
 #pragma unroll
@@ -453,6 +458,40 @@ __device__ __forceinline__ void shrink_warp_mma(float (&acc)[kMT][kNT][4], const
         const uint32_t b_hi[2] = {av[j].z, av[j].w};
         mma_m16n8k16<T>(acc[i][j], a_hi, b_hi);
       }
+    }
+  };
+
+  // Up to 8 rows of a (2 kMT + kNT <= 6 loads a step): two steps in flight, the loads of step
+  // kb + 32 issued before the MMAs of step kb wait for theirs. With 32 rows the second set of
+  // fragments does not fit 128 registers (ptxas spilled), so each step loads, then multiplies.
+  // Either way the MMAs run in ascending k: the sums are the same.
+  if constexpr (kNT <= 2) {
+    if (k_begin >= k_end) return;
+    uint4 xv[kMT][2];
+    uint4 av[kNT];
+    load_step(k_begin, xv, av);
+    for (int64_t kb = k_begin; kb < k_end; kb += 32) {
+      uint4 xn[kMT][2];
+      uint4 an[kNT];
+      const bool more = kb + 32 < k_end;  // the same in every lane
+      if (more) load_step(kb + 32, xn, an);
+      mma_step(kb, xv, av);
+      if (more) {
+#pragma unroll
+        for (int i = 0; i < kMT; ++i) {
+          xv[i][0] = xn[i][0];
+          xv[i][1] = xn[i][1];
+        }
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) av[j] = an[j];
+      }
+    }
+  } else {
+    for (int64_t kb = k_begin; kb < k_end; kb += 32) {
+      uint4 xv[kMT][2];
+      uint4 av[kNT];
+      load_step(kb, xv, av);
+      mma_step(kb, xv, av);
     }
   }
 }
