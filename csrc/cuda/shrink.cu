@@ -53,6 +53,10 @@ constexpr int kMmaMinBlocks = 4;
 constexpr int kMmaRowTiles = 2;                  // 16-token MMA tiles per warp
 constexpr int kMmaWarpRows = 16 * kMmaRowTiles;  // 32 tokens per warp
 constexpr int64_t kMmaMinRows = 16;              // one full MMA row tile; fewer tokens keep the FMA path
+// K columns per split-K tile of the tensor-core path: 4 steps of 32, two pipelined loads each. Finer
+// than kKTile because one warp, not a block of 8, works through a tile: at small M (few warps) a
+// split then costs about 2 memory latencies instead of 4.
+constexpr int64_t kMmaKTile = 128;
 
 int mma_rank_ntiles(int64_t rank) { return rank <= 8 ? 1 : (rank <= 16 ? 2 : 4); }
 
@@ -67,7 +71,7 @@ struct ShrinkPlan {
   int ntiles;               // mma: n-tiles of 8 rows of a per warp
   int64_t rank_tiles;       // tiles of a's rows: kRankTile (FMA) or 8 * ntiles (mma) rows each
   int64_t row_tiles;        // tiles of x's rows: kBlockRows (FMA) or kMmaWarpRows (mma) rows each
-  int64_t num_tiles;        // K tiles of kKTile columns (at least 1)
+  int64_t num_tiles;        // K tiles of kKTile (FMA) or kMmaKTile (mma) columns (at least 1)
   int64_t tiles_per_split;  // K tiles per block along grid.z
   int64_t splits;           // grid.z; 1 = no workspace
 };
@@ -90,7 +94,8 @@ ShrinkPlan make_plan(const ShrinkParams& p) {
     plan.num_tiles = widest > 0 ? (widest + kKTile - 1) / kKTile : 1;
   } else {
     plan.rank_tiles = (p.rank + rank_rows - 1) / rank_rows;
-    plan.num_tiles = p.k > 0 ? (p.k + kKTile - 1) / kKTile : 1;
+    const int64_t k_tile = plan.mma ? kMmaKTile : kKTile;
+    plan.num_tiles = p.k > 0 ? (p.k + k_tile - 1) / k_tile : 1;
   }
   // Work that runs side by side without a split, and how much fills the chip: blocks of 8 warps, 2
   // per SM (FMA); independent warps, 16 per SM (mma).
@@ -218,8 +223,8 @@ __global__ void __launch_bounds__(kThreads, sizeof(TX) == 2 ? 2 : 1) shrink_kern
 
 // Tensor cores: warp w of block b owns item 4b + w = row tile * rank_tiles + rank tile (the rank
 // tile fastest, so the warps that read the same 32 rows of x run side by side and all but the first
-// find them in L2): tokens m0 .. m0+31, rows j0 .. j0 + 8 kNT - 1 of a, K tiles [blockIdx.z *
-// tiles_per_split, ..). out and final_output as in shrink_kernel. x_vec / a_vec: see shrink_warp_mma.
+// find them in L2): tokens m0 .. m0+31, rows j0 .. j0 + 8 kNT - 1 of a, K tiles of kMmaKTile
+// columns [blockIdx.z * tiles_per_split, ..). out and final_output as in shrink_kernel. x_vec / a_vec: see shrink_warp_mma.
 template <typename T, int kNT, bool kDropout>
 __global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks) shrink_mma_kernel(const ShrinkParams p, int64_t tiles_per_split,
                                                                   bool x_vec, bool a_vec, float* __restrict__ out,
@@ -233,11 +238,11 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks) shrink_mma_kernel(
   const int64_t row_tile = item / rank_tiles;
   const int64_t m0 = row_tile * kMmaWarpRows;
   const int64_t j0 = (item - row_tile * rank_tiles) * (8 * kNT);
-  const int64_t num_tiles = (K + kKTile - 1) / kKTile;
+  const int64_t num_tiles = (K + kMmaKTile - 1) / kMmaKTile;
   const int64_t t_begin = static_cast<int64_t>(blockIdx.z) * tiles_per_split;
   const int64_t t_end = t_begin + tiles_per_split < num_tiles ? t_begin + tiles_per_split : num_tiles;
-  const int64_t k_begin = t_begin * kKTile;
-  const int64_t k_end = t_end * kKTile < K ? t_end * kKTile : K;
+  const int64_t k_begin = t_begin * kMmaKTile;  // a multiple of 32, as shrink_warp_mma needs
+  const int64_t k_end = t_end * kMmaKTile < K ? t_end * kMmaKTile : K;
   uint32_t row_ok = 0;  // rows j0 + r of a that exist
 #pragma unroll
   for (int r = 0; r < 8 * kNT; ++r) {
