@@ -26,7 +26,8 @@
 // The MMA path is compiled (no spills on sm_80 / sm_90) but has not been run on a GPU yet.
 //
 // Remaining (not done here): x is re-read (from L2) once per rank tile when R > 16 (FMA) or R > 32
-// (MMA); the MMA path does not stage x or a in shared memory (no cp.async pipeline).
+// (MMA); the MMA path does not stage x or a in shared memory (no cp.async pipeline); the sliced
+// backward operand (lora_b [K, r]: consecutive k are r apart, not a 32-bit pair) stays on FMA.
 #include "common.cuh"
 
 namespace loracuda {
