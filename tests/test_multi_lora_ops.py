@@ -147,7 +147,8 @@ def _generator(case, salt: str) -> torch.Generator:
 
 def adapter_ids(case) -> torch.Tensor:
     """int32 [M] in [-1, L) by the case's pattern: "none" all -1; "random" uniform with about a quarter
-    -1; "segments" runs of one id (prefill: one sequence, one adapter), some of them -1; "distinct"
+    -1; "segments" runs of one id (prefill: one sequence, one adapter), some of them -1; "runs" the
+    same with runs of at least 40 tokens (the tensor-core cases: most 32-token tiles uniform); "distinct"
     the adapters in shuffled cycles of L (every token its own adapter when M <= L)."""
     g = _generator(case, "ids")
     m, adapters = case.m, case.adapters
@@ -161,6 +162,13 @@ def adapter_ids(case) -> torch.Tensor:
         pos = 0
         while pos < m:
             length = int(torch.randint(1, max(2, m // 3), (1,), generator=g))
+            ids[pos : pos + length] = int(torch.randint(-1, adapters, (1,), generator=g))
+            pos += length
+    elif case.ids == "runs":  # segments of 40 tokens or more: most 32-token tiles share one adapter
+        ids = torch.empty(m, dtype=torch.int64)
+        pos = 0
+        while pos < m:
+            length = int(torch.randint(40, max(41, m // 2), (1,), generator=g))
             ids[pos : pos + length] = int(torch.randint(-1, adapters, (1,), generator=g))
             pos += length
     elif case.ids == "distinct":
@@ -268,6 +276,52 @@ def test_multi_shrink(device_name, case):
     nonzero = int((h.cpu()[outside] != 0).sum())
     assert nonzero == 0, f"multi_shrink [{case}]: {nonzero} elements of h outside the ranks / without adapter != 0"
     assert_unchanged(before, inputs, f"multi_shrink [{case}]")
+
+
+def _mma_cases() -> list[MultiCase]:
+    """Shapes of the CUDA tensor-core prefill shrink (M > 64, bf16 / fp16 x with lora_a_all of x's
+    dtype; M = 16 and 17 run the decode path beside it): every M in {16, 17, 65, 255, 1000} with every
+    K in {16, 24, 1000, 4104} for each dtype, r_max in {1, 8, 16, 64} rotating (a Latin square over M
+    and K), S = 3 slices on every third case, ids in long runs (32-token tiles that share an adapter,
+    some without one) and on every fourth case random (mixed tiles: the per-token path). The float64
+    reference gathers one [R, K] adapter per token, so S and then r_max are lowered where M * R * K
+    would pass 4e7 elements (M = 1000 with K = 4104 keeps r_max <= 8). Two integer-valued cases must
+    come out exact."""
+    cases = []
+    shapes = [(m, k) for m in (16, 17, 65, 255, 1000) for k in (16, 24, 1000, 4104)]
+    for i, (m, k) in enumerate(shapes):
+        for j, dtype in enumerate((BF16, F16)):
+            ranks = (1, 8, 16, 64)
+            r = ranks[(i // 4 + i + j) % 4]
+            offsets = (0, 5, 9, 16) if (i + j) % 3 == 0 else ()
+            while m * r * k * max(len(offsets) - 1, 1) > 4e7:
+                if offsets:
+                    offsets = ()
+                else:
+                    r = ranks[ranks.index(r) - 1]
+            ids = "random" if (i + j) % 4 == 3 else "runs"
+            cases.append(MultiCase(m, k, 16, r, 3, dtype, dtype, ids, offsets, LAYOUTS[(i + 2 * j) % 3]))
+    cases.append(MultiCase(255, 24, 16, 8, 5, BF16, BF16, "runs", (0, 5, 9, 16), "padded", "integers"))
+    cases.append(MultiCase(1000, 13, 16, 16, 3, F16, F16, "runs", (), "contiguous", "integers"))
+    return cases
+
+
+MMA_CASES = _mma_cases()
+
+
+@pytest.mark.parametrize("device_name, case", _params(MMA_CASES))
+def test_multi_shrink_tensor_core_shapes(device_name, case):
+    """The tensor-core prefill path's shapes (see _mma_cases), checked as test_multi_shrink checks the grid."""
+    test_multi_shrink(device_name, case)
+
+
+def test_mma_cases_cover_the_contract():
+    assert {c.m for c in MMA_CASES} >= {16, 17, 65, 255, 1000} and {c.k for c in MMA_CASES} >= {16, 24, 1000, 4104}
+    assert {c.r_max for c in MMA_CASES} == {1, 8, 16, 64} and {c.slices for c in MMA_CASES} == {1, 3}
+    assert {c.dtype for c in MMA_CASES} == {BF16, F16} and all(c.adapter_dtype == c.dtype for c in MMA_CASES)
+    assert {c.ids for c in MMA_CASES} == {"runs", "random"} and {c.layout for c in MMA_CASES} == set(LAYOUTS)
+    prefill = {(c.m, c.k) for c in MMA_CASES if c.m > 64 and c.values == "random"}
+    assert prefill >= {(m, k) for m in (65, 255, 1000) for k in (16, 24, 1000, 4104)}
 
 
 @pytest.mark.parametrize("device_name, case", _params(CASES))

@@ -18,6 +18,7 @@ from conftest import (
     FACTOR_GRADIENTS,
     LORA_LINEAR_OPS,
     assert_guards_intact,
+    assert_within_rule,
     assert_unchanged,
     check_result,
     device_cases,
@@ -29,13 +30,14 @@ from conftest import (
 from samples import (
     BACKWARD_CASES,
     BF16,
+    EXPAND_CASES,
     F16,
     F32,
-    Case,
-    EXPAND_CASES,
+    LAYOUTS,
     LORA_LINEAR_CASES,
     MERGE_CASES,
     SHRINK_CASES,
+    Case,
     backward_sample,
     bit_pattern,
     expand_add_sample,
@@ -63,6 +65,46 @@ def test_shrink(device_name, case):
     plain = reference.shrink(x, lora_a, p, seed)
     check_result(f"shrink [{case}] h", case, h, plain, ref64)
     assert_unchanged(before, s.tensors(), f"shrink [{case}]")
+
+
+def _mma_shrink_cases() -> list[Case]:
+    """Shapes of the CUDA tensor-core shrink (M >= 16, bf16 / fp16 x with lora_a of x's dtype): every
+    M in {16, 17, 255, 1000} (one MMA row tile, one row past it, odd tails) with every K in {16, 24,
+    1000, 4104} (one MMA k step, a partial 32-column step, 4096 + 8) for each dtype; r in {1, 8, 16,
+    64} rotating, with S = 3 slices (R = 3r: rank tiles that end inside an 8-row MMA tile) on every
+    third case; the three layouts (padded: rows that allow no 16-byte load) and dropout rotating.
+    Two integer-valued cases must come out exact."""
+    cases = []
+    shapes = [(m, k) for m in (16, 17, 255, 1000) for k in (16, 24, 1000, 4104)]
+    for i, (m, k) in enumerate(shapes):
+        for j, dtype in enumerate((BF16, F16)):
+            r = (1, 8, 16, 64)[(i // 4 + i + j) % 4]  # a Latin square over (M, K): each r with each M and K
+            offsets = (0, 5, 9, 16) if (i + j) % 3 == 0 else ()
+            p = 0.1 if (i + 3 * j) % 5 == 1 else 0.0
+            cases.append(Case(m, k, 16, r, dtype, dtype, offsets, p, LAYOUTS[(i + 2 * j) % 3], "random"))
+    cases.append(Case(17, 24, 16, 8, BF16, BF16, (0, 5, 9, 16), 0.5, "padded", "integers"))
+    cases.append(Case(255, 1000, 16, 16, F16, F16, (), 0.0, "contiguous", "integers"))
+    return cases
+
+
+MMA_SHRINK_CASES = _mma_shrink_cases()
+
+
+@pytest.mark.parametrize("device_name, case", device_cases(MMA_SHRINK_CASES))
+def test_shrink_tensor_core_shapes(device_name, case):
+    """The tensor-core path's shapes (see _mma_shrink_cases), checked as test_shrink checks the grid."""
+    test_shrink(device_name, case)
+
+
+def test_mma_shrink_cases_cover_the_contract():
+    cases = MMA_SHRINK_CASES
+    assert {c.m for c in cases} >= {16, 17, 255, 1000} and {c.k for c in cases} >= {16, 24, 1000, 4104}
+    assert {c.r for c in cases} == {1, 8, 16, 64} and {c.slices for c in cases} == {1, 3}
+    assert {c.dtype for c in cases} == {BF16, F16} and all(c.adapter_dtype == c.dtype for c in cases)
+    assert {(c.m, c.k, c.dtype) for c in cases} >= {(m, k, d) for m in (16, 17, 255, 1000)
+                                                    for k in (16, 24, 1000, 4104) for d in (BF16, F16)}
+    assert {c.layout for c in cases} == set(LAYOUTS) and any(c.p > 0 for c in cases)
+    assert all(c.m >= 16 for c in cases)
 
 
 @pytest.mark.parametrize("device_name, case", device_cases(EXPAND_CASES))
@@ -143,6 +185,35 @@ def test_backward(device_name, case):
         check_result(f"backward [{case}] grad_x", case, grad_x, gx0 + plain_x, to64(gx0) + ref_x, FACTOR_GRADIENTS)
     assert_guards_intact(s)
     assert_unchanged(before, read_only, f"backward [{case}]")
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=("f32", "bf16"))
+@pytest.mark.parametrize("device_name", ("cpu", pytest.param("cuda", marks=pytest.mark.cuda)))
+def test_backward_slices_read_only_their_columns(device_name, dtype):
+    """Each slice's g = scale * grad_y[:, slice] @ lora_b[slice] reads only its own columns of grad_y: an
+    inf in slice 0's columns leaves the gradients that do not depend on slice 0 finite and within the
+    tolerance rule (the rows of grad_a of slices 1 and 2, the rows of grad_b other than the inf's
+    column), as the reference computes them slice by slice."""
+    device = use_device(device_name, "backward")
+    gen = torch.Generator().manual_seed(0x511CE)
+    m, k, r, offsets = 300, 40, 4, (0, 24, 40, 72)
+    n, inf_col = offsets[-1], 5
+    grad_y = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    grad_y[:, inf_col] = float("inf")
+    x = torch.randn(m, k, generator=gen, dtype=torch.float64)
+    h = torch.randn(m, 3 * r, generator=gen, dtype=torch.float64)
+    lora_a = torch.randn(3 * r, k, generator=gen, dtype=torch.float64) * k**-0.5
+    lora_b = torch.randn(n, r, generator=gen, dtype=torch.float64) * r**-0.5
+    # h is float32 whatever the value dtype; the factors are in the values' dtype.
+    inputs = [grad_y.to(dtype), x.to(dtype), h.float(), lora_a.to(dtype), lora_b.to(dtype)]
+    grad_a, grad_b = torch.ops.loracuda.backward(*(t.to(device) for t in inputs), 0.7, 0.0, None, list(offsets), None)
+    ref_a, ref_b, _ = reference.backward(*(to64(t) for t in inputs), 0.7, 0.0, None, offsets)
+    plain_a, plain_b, _ = reference.backward(*inputs, 0.7, 0.0, None, offsets)
+    rows = slice(r, 3 * r)  # grad_a rows of slices 1 and 2
+    assert torch.isfinite(ref_a[rows]).all(), "test defect: the reference rows should be finite"
+    assert_within_rule("grad_a, slices 1 and 2", grad_a[rows].cpu(), plain_a[rows], ref_a[rows], FACTOR_GRADIENTS)
+    keep = [c for c in range(n) if c != inf_col]
+    assert_within_rule("grad_b, rows without the inf", grad_b[keep].cpu(), plain_b[keep], ref_b[keep], FACTOR_GRADIENTS)
 
 
 @pytest.mark.parametrize("device_name, case", device_cases(LORA_LINEAR_CASES))

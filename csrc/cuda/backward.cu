@@ -4,7 +4,9 @@
 //   grad_a [R, K] = g^T @ dropped(x)
 //   grad_x [M, K] += dropped(g @ a)                           (when grad_x is given)
 //
-// g is the shrink kernel on grad_y with b read as a block-diagonal [R, N] operand (shrink.cu);
+// g is the shrink kernel on grad_y with b read as a block-diagonal [R, N] operand (shrink.cu), each
+// slice's rows reading only that slice's columns of grad_y, as the CPU kernel does (an inf in one
+// slice of grad_y leaves the other slices' g finite);
 // grad_x is the expand kernel with b = a^T and the dropout on the added term (expand.cu). The two
 // reductions over M (grad_b, grad_a) are column reductions, done here deterministically in two
 // stages: each block sums a fixed chunk of rows into the workspace, then a second kernel adds the

@@ -1,5 +1,6 @@
 // Device helpers shared by the loracuda kernels: dtype dispatch, float conversion, 16-byte vector
-// access of 8 consecutive elements, the dropout of one element, and the merge delta.
+// access of 8 consecutive elements, the dropout of one element, the merge delta, and the inner
+// products of the shrink and expand tiles (float32 FMA, and the tensor-core warp tile on mma.cuh).
 // CUDA headers only (no torch): see DESIGN.md §2.
 #pragma once
 #include <cuda_bf16.h>
@@ -9,6 +10,7 @@
 #include <cstdint>
 
 #include "../dropout_hash.h"
+#include "mma.cuh"
 #include "params.h"
 
 namespace loracuda {
@@ -317,6 +319,179 @@ __device__ __forceinline__ void expand_tile_fma(float (&acc)[kRows][8], const fl
           acc[row][c] = dot4_add(hv, bv, acc[row][c]);
         }
       }
+    }
+  }
+}
+
+// ---- the tensor-core shrink warp tile (shrink.cu, multi_lora.cu; compiled, not run on a GPU yet) ----
+
+// Eight consecutive 16-bit elements p[0 .. 7] as raw bits, element c in half (c & 1) of word c / 2
+// (the low half first, as mma.cuh's registers hold them). One 16-byte load when `vec` (p 16-byte
+// aligned and all 8 elements exist); otherwise the first `count` (0 .. 8) elements one by one and
+// zero bits (+0.0) for the rest: nothing at or past p + count is read, whatever the alignment.
+template <typename T>
+__device__ __forceinline__ uint4 load8_bits(const T* p, bool vec, int count) {
+  static_assert(sizeof(T) == 2, "load8_bits takes 16-bit elements");
+  if (vec) return __ldg(reinterpret_cast<const uint4*>(p));
+  const unsigned short* q = reinterpret_cast<const unsigned short*>(p);
+  uint32_t w[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+  for (int c = 0; c < 8; ++c) {
+    if (c < count) w[c >> 1] |= static_cast<uint32_t>(__ldg(q + c)) << (16 * (c & 1));
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// v (8 elements as load8_bits packs them) with each element c < count that the dropout mask drops at
+// element index index0 + c set to +0.0. The keep scale is not applied here: the mask alone keeps the
+// 16-bit values exact, and the caller multiplies the float32 sums by it.
+__device__ __forceinline__ uint4 drop8_bits(const DeviceDropout& d, uint64_t index0, int count, uint4 v) {
+  uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int c = 0; c < 8; ++c) {
+    if (c < count && !dropout_keep(d.key, index0 + c, d.threshold)) w[c >> 1] &= (c & 1) ? 0x0000FFFFu : 0xFFFF0000u;
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// One warp, tensor cores: acc[i][j] += the C fragments (mma.cuh) of the [16 x 8] tile
+//   sum over k in [k_begin, k_end) of x[m0 + 16 i + row, k] * a_rows[(8 j + col) * K + k]
+// for i < kMT (16-token tiles), j < kNT (8-row tiles of a), row < 16, col < 8. Read as zeros, and
+// never loaded: rows of x at or past M, rows 8 j + col of a whose bit in row_ok is clear, columns at
+// or past K. x has x_row_stride elements between rows (column stride 1); a_rows points at the first of
+// the tile's rows of a [., K] (row stride K). k_begin is a multiple of 32; k_end is K or a multiple
+// of 32. x_vec / a_vec: the row starts and strides allow 16-byte loads at multiples of 8 columns
+// (else every element is loaded alone). kDropout: x elements the mask drops (element index m * K + k)
+// count as 0; the caller applies the keep scale to the sums.
+//
+// Each 32-column step, lane (g, t) (g = lane >> 2, t = lane & 3) loads columns kb + 8t .. kb + 8t + 7
+// of x rows m0 + 16 i + g and m0 + 16 i + g + 8 and of a's row 8 j + g: 2 kMT + kNT loads of 16 bytes
+// (element-wise ones in the last step of K or for unaligned rows), all issued before the first MMA. Then, per (i, j), two MMAs: the first takes the lane's columns
+// 8t .. 8t+3 (words .x = k slots 2t, 2t+1 and .y = slots 2t+8, 2t+9), the second 8t+4 .. 8t+7
+// (.z, .w): the same slot-to-column map in A and B, so their product is the sum over all 32 columns
+// (see mma.cuh). The MMAs run in a fixed order, so the result repeats bit for bit.
+template <typename T, int kMT, int kNT, bool kDropout>
+__device__ __forceinline__ void shrink_warp_mma(float (&acc)[kMT][kNT][4], const T* __restrict__ x,
+                                                int64_t x_row_stride, int64_t m0, int64_t M,
+                                                const T* __restrict__ a_rows, uint32_t row_ok, int64_t K,
+                                                int64_t k_begin, int64_t k_end, bool x_vec, bool a_vec,
+                                                const DeviceDropout& drop, int lane) {
+  static_assert(kMT >= 1 && kNT >= 1 && 8 * kNT <= 32, "row_ok has one bit per row of a");
+  const int g = lane >> 2, t = lane & 3;
+  // The lane's rows: x rows m0 + 16 i + g + 8 h (h = 0, 1) and a rows 8 j + g, each with whether it
+  // is read at all (a row outside points at row 0 of the tile and is never dereferenced).
+  const T* xr[kMT][2];
+  int64_t xm[kMT][2];
+  bool x_in[kMT][2];
+#pragma unroll
+  for (int i = 0; i < kMT; ++i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      xm[i][h] = m0 + 16 * i + g + 8 * h;
+      x_in[i][h] = xm[i][h] < M;
+      xr[i][h] = x + (x_in[i][h] ? xm[i][h] : m0) * x_row_stride;
+    }
+  }
+  const T* ar[kNT];
+  bool a_in[kNT];
+#pragma unroll
+  for (int j = 0; j < kNT; ++j) {
+    a_in[j] = (row_ok >> (8 * j + g)) & 1u;
+    ar[j] = a_rows + (a_in[j] ? 8 * j + g : 0) * K;
+  }
+
+  // Issues the loads of the 32-column step at kb into xv / av (nothing waits for them here).
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+  const auto load_step = [&](int64_t kb, uint4 (&xv)[kMT][2], uint4 (&av)[kNT]) {
+    const int64_t k0 = kb + 8 * t;
+    const int count = K - k0 >= 8 ? 8 : (K - k0 > 0 ? static_cast<int>(K - k0) : 0);
+    if (x_vec && a_vec && kb + 32 <= K) {
+      // The common step (the same in every lane): all 32 columns exist and every row allows 16-byte
+      // loads, so each row is one predicated load, without the element-wise branch.
+#pragma unroll
+      for (int i = 0; i < kMT; ++i) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          xv[i][h] = x_in[i][h] ? __ldg(reinterpret_cast<const uint4*>(xr[i][h] + k0)) : zero;
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) av[j] = a_in[j] ? __ldg(reinterpret_cast<const uint4*>(ar[j] + k0)) : zero;
+    } else {  // the last step of K, or rows that do not allow 16-byte loads
+#pragma unroll
+      for (int i = 0; i < kMT; ++i) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int c = x_in[i][h] ? count : 0;
+          xv[i][h] = load8_bits(xr[i][h] + k0, x_vec && c == 8, c);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+        const int c = a_in[j] ? count : 0;
+        av[j] = load8_bits(ar[j] + k0, a_vec && c == 8, c);
+      }
+    }
+  };
+
+  // The MMAs of the step at kb on its loaded fragments (dropout applied first).
+  const auto mma_step = [&](int64_t kb, uint4 (&xv)[kMT][2], const uint4 (&av)[kNT]) {
+    if constexpr (kDropout) {
+      const int64_t k0 = kb + 8 * t;
+      const int count = K - k0 >= 8 ? 8 : (K - k0 > 0 ? static_cast<int>(K - k0) : 0);
+#pragma unroll
+      for (int i = 0; i < kMT; ++i) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          xv[i][h] = drop8_bits(drop, static_cast<uint64_t>(xm[i][h] * K + k0), x_in[i][h] ? count : 0, xv[i][h]);
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kMT; ++i) {
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+        const uint32_t a_lo[4] = {xv[i][0].x, xv[i][1].x, xv[i][0].y, xv[i][1].y};
+        const uint32_t b_lo[2] = {av[j].x, av[j].y};
+        mma_m16n8k16<T>(acc[i][j], a_lo, b_lo);
+        const uint32_t a_hi[4] = {xv[i][0].z, xv[i][1].z, xv[i][0].w, xv[i][1].w};
+        const uint32_t b_hi[2] = {av[j].z, av[j].w};
+        mma_m16n8k16<T>(acc[i][j], a_hi, b_hi);
+      }
+    }
+  };
+
+  // Up to 8 rows of a (2 kMT + kNT <= 6 loads a step): two steps in flight, the loads of step
+  // kb + 32 issued before the MMAs of step kb wait for theirs. With 32 rows the second set of
+  // fragments does not fit 128 registers (ptxas spilled), so each step loads, then multiplies.
+  // Either way the MMAs run in ascending k: the sums are the same.
+  if constexpr (kNT <= 2) {
+    if (k_begin >= k_end) return;
+    uint4 xv[kMT][2];
+    uint4 av[kNT];
+    load_step(k_begin, xv, av);
+    for (int64_t kb = k_begin; kb < k_end; kb += 32) {
+      uint4 xn[kMT][2];
+      uint4 an[kNT];
+      const bool more = kb + 32 < k_end;  // the same in every lane
+      if (more) load_step(kb + 32, xn, an);
+      mma_step(kb, xv, av);
+      if (more) {
+#pragma unroll
+        for (int i = 0; i < kMT; ++i) {
+          xv[i][0] = xn[i][0];
+          xv[i][1] = xn[i][1];
+        }
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) av[j] = an[j];
+      }
+    }
+  } else {
+    for (int64_t kb = k_begin; kb < k_end; kb += 32) {
+      uint4 xv[kMT][2];
+      uint4 av[kNT];
+      load_step(kb, xv, av);
+      mma_step(kb, xv, av);
     }
   }
 }

@@ -5,7 +5,8 @@
 // can be captured in a CUDA graph): the kernels read them, treat an id outside [0, L) as "no
 // adapter", and never form an address from such an id.
 //
-// The host picks one of two paths from M alone:
+// The host picks one of two paths from M alone (and for prefill shrink, from the dtypes, the
+// tensor-core kernel below):
 //  - decode (M <= kDecodeMaxRows: few tokens, typically each with its own adapter) is a gather
 //    matrix-vector product. Shrink gives one warp one work item (token, 8-row tile of its
 //    adapter's a, range of K chunks) and splits K until the chip has enough warps; expand gives
@@ -15,13 +16,23 @@
 //    adapter (decided in the kernel from the ids) the adapter's tile is staged in shared memory
 //    once for all 32 tokens, with the layouts of shrink.cu and expand.cu; otherwise each token does
 //    the decode path's per-token work. Shrink splits K here too when the tiles leave the chip idle.
+//  - prefill shrink with bf16 / fp16 x and a of the same dtype runs on tensor cores instead: one
+//    warp owns 32 tokens x 8, 16 or 32 rows of a (as shrink.cu's tensor-core path) and checks on its
+//    own (a warp vote over the 32 ids) whether its tokens share an adapter. If they do, it streams
+//    K through mma.sync m16n8k16 (common.cuh: shrink_warp_mma), reading only the rows within the
+//    adapter's rank; if not, its tokens take the decode path's per-token work one by one. No shared
+//    memory, no barrier. float32 a keeps the FMA kernel (rounding it to 16 bits would add an error
+//    plain PyTorch does not make, DESIGN.md §7). Compiled (no spills on sm_80 / sm_90), not yet run
+//    on a GPU.
 //
-// Split-K partials of shrink go to a workspace [splits, M, R] whose size depends on the shapes only;
-// a second kernel adds them in ascending split order: no float atomics, results repeat bit for bit.
+// Split-K partials of shrink go to a workspace [splits, M, R] whose size depends on the shapes and
+// dtypes only; a second kernel adds them in ascending split order: no float atomics, results repeat
+// bit for bit.
 //
-// Remaining (not done here): tensor-core mma.sync on uniform prefill tiles (float32 FMA now); the
-// decode expand reads b from L1/L2 once per token instead of sharing it between tokens; the prefill
-// expand kernel takes 178 registers (one block of 8 warps per SM), where expand.cu's fits 128.
+// Remaining (not done here): the decode expand reads b from L1/L2 once per token instead of sharing
+// it between tokens; the prefill expand kernel takes 178 registers (one block of 8 warps per SM),
+// where expand.cu's fits 128; a mixed 32-token warp tile of the tensor-core shrink does its tokens
+// one after another (8 warps shared them in the FMA kernel).
 #include "common.cuh"
 
 namespace loracuda {
@@ -45,6 +56,15 @@ constexpr int kKChunk = 32 * 8;             // columns of x per step: 32 lanes x
 constexpr int kAStride = kRankTile + 4;     // a_s row stride in floats (see shrink.cu: no bank conflicts)
 constexpr int kDecodeShrinkThreads = 128;   // 4 warps = 4 independent work items
 constexpr int kWarpsPerDecodeBlock = kDecodeShrinkThreads / 32;
+
+// shrink on tensor cores (prefill, 16-bit x and a): 4 independent warps per block, each 32 tokens
+// (2 MMA row tiles of 16) x 8 * nt rows of a, nt = mma_rank_ntiles(R).
+constexpr int kMmaThreads = 128;
+constexpr int kMmaWarps = kMmaThreads / 32;
+// 4 resident blocks (16 warps) per SM, the occupancy the split-K plan aims at (a 128-register cap).
+constexpr int kMmaMinBlocks = 4;
+constexpr int kMmaRowTiles = 2;
+constexpr int kMmaWarpRows = 16 * kMmaRowTiles;  // 32 tokens: one id per lane for the vote
 
 // expand
 constexpr int kBlockCols = 32 * 8;          // columns of y per prefill block: 32 lanes x 8
@@ -250,6 +270,82 @@ __global__ void __launch_bounds__(kPrefillThreads, sizeof(TX) == 2 ? 2 : 1)
   }
 }
 
+// Prefill on tensor cores: warp w of block b owns item 4b + w = row tile * rank_tiles + rank tile:
+// tokens m0 .. m0+31 (m0 = 32 * row tile), rows j0 .. j0 + 8 kNT - 1 of the adapters' a, K chunks
+// [blockIdx.z * chunks_per_split, ..), written to the slab out + blockIdx.z * M * R.
+template <typename T, int kNT>
+__global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks)
+    multi_shrink_prefill_mma_kernel(const MultiShrinkParams p, int64_t chunks_per_split, bool x_vec, bool a_vec,
+                                    float* __restrict__ out) {
+  const int lane = threadIdx.x & 31;
+  const int64_t M = p.m, K = p.k, R = p.rank;
+  const int64_t rank_tiles = (R + 8 * kNT - 1) / (8 * kNT);
+  const int64_t row_tiles = (M + kMmaWarpRows - 1) / kMmaWarpRows;
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * kMmaWarps + (threadIdx.x >> 5);
+  if (item >= row_tiles * rank_tiles) return;  // a whole warp leaves; no barrier follows
+  const int64_t row_tile = item / rank_tiles;
+  const int64_t m0 = row_tile * kMmaWarpRows;
+  const int64_t j0 = (item - row_tile * rank_tiles) * (8 * kNT);
+  const int64_t num_chunks = (K + kKChunk - 1) / kKChunk;
+  const int64_t c_begin = static_cast<int64_t>(blockIdx.z) * chunks_per_split;
+  const int64_t c_end = c_begin + chunks_per_split < num_chunks ? c_begin + chunks_per_split : num_chunks;
+  float* __restrict__ dst = out + static_cast<int64_t>(blockIdx.z) * M * R;
+
+  // The warp's adapter: lane l votes for token m0 + l (tokens past M agree with anything).
+  const int first = adapter_of(p.adapter_ids, m0, p.num_adapters);
+  const bool same = m0 + lane >= M || adapter_of(p.adapter_ids, m0 + lane, p.num_adapters) == first;
+  const int id = __all_sync(0xffffffffu, same) ? first : -1;
+  if (id < 0) {
+    // Mixed adapters, or none: the tokens one by one, 8 rows of a at a time (a token without an
+    // adapter, or rows beyond its rank, give zeros without reading anything).
+#pragma unroll 1
+    for (int row = 0; row < kMmaWarpRows; ++row) {
+      const int64_t m = m0 + row;
+      if (m >= M) break;
+#pragma unroll 1
+      for (int part = 0; part < kNT && j0 + 8 * part < R; ++part) {
+        shrink_row_warp<T, T, kWarpRows>(p, m, j0 + 8 * part, c_begin, c_end, x_vec, a_vec, dst, lane);
+      }
+    }
+    return;
+  }
+  const uint32_t used = used_rows<8 * kNT>(j0, R, p.r_max, clamp_rank(p.ranks[id], p.r_max));
+
+  float acc[kMmaRowTiles][kNT][4];
+#pragma unroll
+  for (int i = 0; i < kMmaRowTiles; ++i) {
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+    }
+  }
+  if (used != 0u) {  // warp-uniform: id, j0 and the ranks are the same in every lane
+    const T* __restrict__ a_rows = static_cast<const T*>(p.a) + (static_cast<int64_t>(id) * R + j0) * K;
+    const DeviceDropout no_dropout{};
+    shrink_warp_mma<T, kMmaRowTiles, kNT, false>(acc, static_cast<const T*>(p.x), p.x_row_stride, m0, M, a_rows,
+                                                 used, K, c_begin * kKChunk,
+                                                 c_end * kKChunk < K ? c_end * kKChunk : K, x_vec, a_vec,
+                                                 no_dropout, lane);
+  }
+
+  // C fragment element e of (i, j): token m0 + 16 i + g (+ 8 for e >= 2), row j0 + 8 j + 2t + (e & 1);
+  // rows beyond the adapter's rank are written as exactly 0.
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int i = 0; i < kMmaRowTiles; ++i) {
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t m = m0 + 16 * i + g + (e >= 2 ? 8 : 0);
+        const int r = 8 * j + 2 * t + (e & 1);
+        if (m < M && j0 + r < R) dst[m * R + j0 + r] = (used >> r) & 1u ? acc[i][j][e] : 0.0f;
+      }
+    }
+  }
+}
+
 // h[i] = sum over splits s = 0, 1, ... of partial[s * count + i], in that order.
 __global__ void __launch_bounds__(256) multi_shrink_reduce_kernel(const float* __restrict__ partial,
                                                                   float* __restrict__ h, int64_t count,
@@ -262,28 +358,38 @@ __global__ void __launch_bounds__(256) multi_shrink_reduce_kernel(const float* _
   }
 }
 
+// Tensor-core n-tiles of 8 rows of a per warp for R rows.
+int mma_rank_ntiles(int64_t rank) { return rank <= 8 ? 1 : (rank <= 16 ? 2 : 4); }
+
 struct MultiShrinkPlan {
   bool decode;
-  int64_t rank_tiles;        // tiles of a's rows: kWarpRows each (decode), kRankTile each (prefill)
-  int64_t row_tiles;         // prefill: tiles of kTileRows tokens
+  bool mma;                  // prefill on tensor cores (16-bit x, a in x's dtype)
+  int ntiles;                // mma: n-tiles of 8 rows of a per warp
+  int64_t rank_tiles;        // tiles of a's rows: kWarpRows (decode), kRankTile (prefill), 8 * ntiles (mma)
+  int64_t row_tiles;         // prefill: tiles of kTileRows (FMA) or kMmaWarpRows (mma) tokens
   int64_t num_chunks;        // K chunks of kKChunk columns (at least 1)
   int64_t chunks_per_split;  // K chunks per work item / block
   int64_t splits;            // 1 = no workspace
 };
 
-// Shapes only (M, K, R and the SM count), so the workspace size is fixed for a captured graph.
+// Shapes and dtypes only (M, K, R, the dtypes and the SM count; no pointer, no device memory), so the
+// workspace size is fixed for a captured graph.
 MultiShrinkPlan make_plan(const MultiShrinkParams& p) {
   MultiShrinkPlan plan;
   plan.decode = p.m <= kDecodeMaxRows;
-  const int64_t tile = plan.decode ? kWarpRows : kRankTile;
+  plan.mma = !plan.decode && p.x_dtype != DType::kFloat32 && p.a_dtype == p.x_dtype;
+  plan.ntiles = plan.mma ? mma_rank_ntiles(p.rank) : 0;
+  const int64_t tile = plan.decode ? kWarpRows : (plan.mma ? 8 * plan.ntiles : kRankTile);
   plan.rank_tiles = (p.rank + tile - 1) / tile;
-  plan.row_tiles = (p.m + kTileRows - 1) / kTileRows;
+  const int64_t tile_rows = plan.mma ? kMmaWarpRows : kTileRows;
+  plan.row_tiles = (p.m + tile_rows - 1) / tile_rows;
   plan.num_chunks = p.k > 0 ? (p.k + kKChunk - 1) / kKChunk : 1;
   const int64_t sms = p.num_sms > 0 ? p.num_sms : 132;
-  // Work that runs side by side without a split, and how much fills the chip: warps for decode
-  // (16 per SM: 4 blocks of 4 warps), blocks of 8 warps for prefill (2 per SM, as shrink.cu).
+  // Work that runs side by side without a split, and how much fills the chip: warps for decode and
+  // the tensor-core prefill (16 per SM: 4 blocks of 4 warps), blocks of 8 warps for the FMA prefill
+  // (2 per SM, as shrink.cu).
   const int64_t base = plan.decode ? p.m * plan.rank_tiles : plan.row_tiles * plan.rank_tiles;
-  const int64_t target = plan.decode ? 16 * sms : 2 * sms;
+  const int64_t target = plan.decode || plan.mma ? 16 * sms : 2 * sms;
   int64_t splits = 1;
   if (base > 0 && base < target) {
     splits = (target + base - 1) / base;
@@ -483,11 +589,28 @@ cudaError_t launch_multi_shrink(const MultiShrinkParams& p) {
   const bool a_vec = vector_rows_ok(p.a, p.k, p.num_adapters * p.rank, a_bytes);
   const int64_t decode_blocks =
       (p.m * plan.rank_tiles * plan.splits + kWarpsPerDecodeBlock - 1) / kWarpsPerDecodeBlock;
-  const int64_t prefill_blocks = plan.row_tiles * plan.rank_tiles;
+  const int64_t prefill_items = plan.row_tiles * plan.rank_tiles;  // blocks (FMA) or warps (mma)
+  const int64_t prefill_blocks = plan.mma ? (prefill_items + kMmaWarps - 1) / kMmaWarps : prefill_items;
   if ((plan.decode ? decode_blocks : prefill_blocks) > 0x7fffffff) return cudaErrorInvalidConfiguration;
   cudaError_t err = dispatch_value_adapter(p.x_dtype, p.a_dtype, [&](auto tx, auto ta) {
     using TX = typename decltype(tx)::type;
     using TA = typename decltype(ta)::type;
+    if constexpr (std::is_same<TX, TA>::value && MmaOperand<TX>::kSupported) {
+      if (plan.mma) {
+        const dim3 grid(static_cast<unsigned>(prefill_blocks), 1, static_cast<unsigned>(plan.splits));
+        const auto launch = [&](auto kernel) {
+          kernel<<<grid, kMmaThreads, 0, p.stream>>>(p, plan.chunks_per_split, x_vec, a_vec, out);
+        };
+        if (plan.ntiles == 1) {
+          launch(multi_shrink_prefill_mma_kernel<TX, 1>);
+        } else if (plan.ntiles == 2) {
+          launch(multi_shrink_prefill_mma_kernel<TX, 2>);
+        } else {
+          launch(multi_shrink_prefill_mma_kernel<TX, 4>);
+        }
+        return cudaGetLastError();
+      }
+    }
     if (plan.decode) {
       multi_shrink_decode_kernel<TX, TA><<<static_cast<unsigned>(decode_blocks), kDecodeShrinkThreads, 0, p.stream>>>(
           p, plan.chunks_per_split, plan.splits, x_vec, a_vec, out);

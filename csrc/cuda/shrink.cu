@@ -6,12 +6,28 @@
 // tile (one 16-byte load per row for bf16/fp16), so each a value read from shared memory feeds 4
 // FMAs. Each lane accumulates its columns' products; a warp butterfly sums the 32 lanes at the end.
 //
+// Sliced operand (backward's g = scale * grad_y[:, slice i] @ b[slice i], "a" = lora_b [K, r]): a
+// block's rank tile lies inside one slice i (each slice has ceil(r / 16) tiles) and streams only that
+// slice's columns [off[i], off[i+1]) of x, as the CPU kernel does: values of x outside the slice are
+// never read, so an inf there cannot turn another slice's g into NaN (inf * 0).
+//
 // Small M (decode): the grid of row x rank tiles would leave most of the chip idle, so K is split
 // across blocks (grid.z). Each split writes its partial sums to the workspace and a second kernel
 // adds the splits in ascending order: no float atomics, the result repeats bit for bit.
 //
-// Remaining (not done here): tensor-core mma.sync m16n8k16 for large M; x is re-read (from L2) once
-// per 16-rank tile when R > 16.
+// Tensor cores (M >= 16, x bf16 / fp16 and a in x's dtype, not the sliced backward operand): one warp
+// owns 32 tokens x 8, 16 or 32 rows of a (R <= 8, <= 16, larger) and streams its K range in steps
+// of 32 columns, loading x and a straight from global memory (16 bytes per lane and row where the
+// rows allow, one element at a time where they do not) into mma.sync m16n8k16 fragments
+// (common.cuh: shrink_warp_mma; mma.cuh: the layouts). The warps share nothing (no shared memory,
+// no barrier); split-K and its ordered reduction are as above. Dropout zeroes the dropped x elements
+// (exact in 16 bits) and multiplies the float32 sums by the keep scale. float32 a with 16-bit x keeps
+// the FMA path: rounding a to 16 bits would add an error plain PyTorch does not make (DESIGN.md §7).
+// The MMA path is compiled (no spills on sm_80 / sm_90) but has not been run on a GPU yet.
+//
+// Remaining (not done here): x is re-read (from L2) once per rank tile when R > 16 (FMA) or R > 32
+// (MMA); the MMA path does not stage x or a in shared memory (no cp.async pipeline); the sliced
+// backward operand (lora_b [K, r]: consecutive k are r apart, not a 32-bit pair) stays on FMA.
 #include "common.cuh"
 
 namespace loracuda {
@@ -27,20 +43,69 @@ constexpr int kKTile = 256;                                 // columns of x per 
 // phase (consecutive slots) hit 8 disjoint groups of 4 banks.
 constexpr int kAStride = kRankTile + 4;
 
+// The tensor-core path: 4 independent warps per block, each 32 tokens (2 MMA row tiles of 16) x
+// 8 * nt rows of a, nt = mma_rank_ntiles(R) n-tiles of 8.
+constexpr int kMmaThreads = 128;
+constexpr int kMmaWarps = kMmaThreads / 32;
+// 4 resident blocks (16 warps) per SM, the occupancy the split-K plan aims at: a 128-register cap,
+// under which ptxas also fits the dropout variants without a spill (left free, it gave the sm_80
+// bf16 / fp16 dropout kernel of 16 rows 167 registers and an 8-byte stack frame).
+constexpr int kMmaMinBlocks = 4;
+constexpr int kMmaRowTiles = 2;                  // 16-token MMA tiles per warp
+constexpr int kMmaWarpRows = 16 * kMmaRowTiles;  // 32 tokens per warp
+constexpr int64_t kMmaMinRows = 16;              // one full MMA row tile; fewer tokens keep the FMA path
+// K columns per split-K tile of the tensor-core path: 4 steps of 32, two pipelined loads each. Finer
+// than kKTile because one warp, not a block of 8, works through a tile: at small M (few warps) a
+// split then costs about 2 memory latencies instead of 4.
+constexpr int64_t kMmaKTile = 128;
+
+int mma_rank_ntiles(int64_t rank) { return rank <= 8 ? 1 : (rank <= 16 ? 2 : 4); }
+
+// Shapes and dtypes only (no alignment, no device memory), so the workspace size is fixed for a
+// captured graph: 16-bit x with a of the same dtype, not the sliced backward operand, M >= 16.
+bool use_mma(const ShrinkParams& p) {
+  return p.num_slices == 0 && p.x_dtype != DType::kFloat32 && p.a_dtype == p.x_dtype && p.m >= kMmaMinRows;
+}
+
 struct ShrinkPlan {
-  int64_t num_tiles;        // K tiles of kKTile columns (at least 1)
+  bool mma;                 // the tensor-core kernel
+  int ntiles;               // mma: n-tiles of 8 rows of a per warp
+  int64_t rank_tiles;       // tiles of a's rows: kRankTile (FMA) or 8 * ntiles (mma) rows each
+  int64_t row_tiles;        // tiles of x's rows: kBlockRows (FMA) or kMmaWarpRows (mma) rows each
+  int64_t num_tiles;        // K tiles of kKTile (FMA) or kMmaKTile (mma) columns (at least 1)
   int64_t tiles_per_split;  // K tiles per block along grid.z
   int64_t splits;           // grid.z; 1 = no workspace
 };
 
 ShrinkPlan make_plan(const ShrinkParams& p) {
   ShrinkPlan plan;
-  plan.num_tiles = p.k > 0 ? (p.k + kKTile - 1) / kKTile : 1;
-  const int64_t base_blocks = ((p.m + kBlockRows - 1) / kBlockRows) * ((p.rank + kRankTile - 1) / kRankTile);
-  const int64_t target_blocks = 2 * static_cast<int64_t>(p.num_sms > 0 ? p.num_sms : 132);
+  plan.mma = use_mma(p);
+  plan.ntiles = plan.mma ? mma_rank_ntiles(p.rank) : 0;
+  const int64_t rank_rows = plan.mma ? 8 * plan.ntiles : kRankTile;
+  const int64_t tile_rows = plan.mma ? kMmaWarpRows : kBlockRows;
+  plan.row_tiles = (p.m + tile_rows - 1) / tile_rows;
+  if (p.num_slices > 0) {
+    // Rank tiles per slice, K tiles of the widest slice (a block of a narrower one runs out early).
+    plan.rank_tiles = p.num_slices * ((p.slice_rank + kRankTile - 1) / kRankTile);
+    int64_t widest = 0;
+    for (int i = 0; i < p.num_slices && i < kMaxSlices; ++i) {  // launch_shrink rejects more slices
+      const int64_t width = p.slice_offsets[i + 1] - p.slice_offsets[i];
+      if (width > widest) widest = width;
+    }
+    plan.num_tiles = widest > 0 ? (widest + kKTile - 1) / kKTile : 1;
+  } else {
+    plan.rank_tiles = (p.rank + rank_rows - 1) / rank_rows;
+    const int64_t k_tile = plan.mma ? kMmaKTile : kKTile;
+    plan.num_tiles = p.k > 0 ? (p.k + k_tile - 1) / k_tile : 1;
+  }
+  // Work that runs side by side without a split, and how much fills the chip: blocks of 8 warps, 2
+  // per SM (FMA); independent warps, 16 per SM (mma).
+  const int64_t sms = p.num_sms > 0 ? p.num_sms : 132;
+  const int64_t base = plan.row_tiles * plan.rank_tiles;
+  const int64_t target = plan.mma ? 16 * sms : 2 * sms;
   int64_t splits = 1;
-  if (base_blocks > 0 && base_blocks < target_blocks) {
-    splits = (target_blocks + base_blocks - 1) / base_blocks;
+  if (base > 0 && base < target) {
+    splits = (target + base - 1) / base;
     if (splits > plan.num_tiles) splits = plan.num_tiles;
     if (splits > 64) splits = 64;
   }
@@ -63,11 +128,22 @@ __global__ void __launch_bounds__(kThreads, sizeof(TX) == 2 ? 2 : 1) shrink_kern
   const int64_t M = p.m, K = p.k, R = p.rank;
   // grid.x enumerates (row tile, rank tile) with the rank tile fastest, so the blocks that read the
   // same 32 rows of x run side by side and all but the first find x in L2.
-  const int64_t rank_tiles = (R + kRankTile - 1) / kRankTile;
+  // The block's rows of a are j0 .. min(j0 + 16, j_end) - 1 and its columns of x k_lo .. k_hi - 1:
+  // all of them, or (sliced) slice i's rows and columns.
+  const int64_t tiles_per_slice = kSliced ? (p.slice_rank + kRankTile - 1) / kRankTile : 0;
+  const int64_t rank_tiles = kSliced ? p.num_slices * tiles_per_slice : (R + kRankTile - 1) / kRankTile;
   const int64_t row_tile = static_cast<int64_t>(blockIdx.x) / rank_tiles;
   const int64_t m_base = row_tile * kBlockRows + warp * kRowsPerWarp;
-  const int64_t j0 = (static_cast<int64_t>(blockIdx.x) - row_tile * rank_tiles) * kRankTile;
-  const int64_t num_tiles = (K + kKTile - 1) / kKTile;
+  const int64_t rank_tile = static_cast<int64_t>(blockIdx.x) - row_tile * rank_tiles;
+  const int64_t slice = kSliced ? rank_tile / tiles_per_slice : 0;
+  const int64_t j0 = kSliced ? slice * p.slice_rank + (rank_tile - slice * tiles_per_slice) * kRankTile
+                             : rank_tile * kRankTile;
+  const int64_t j_end = kSliced ? (slice + 1) * p.slice_rank : R;
+  const int64_t k_lo = kSliced ? p.slice_offsets[slice] : 0;
+  const int64_t k_hi = kSliced ? p.slice_offsets[slice + 1] : K;
+  // 16-byte loads of x at k_lo + multiples of 8 need k_lo's byte offset to be a multiple of 16 too.
+  const bool x_vec_here = x_vec && (k_lo * static_cast<int64_t>(sizeof(TX))) % 16 == 0;
+  const int64_t num_tiles = (k_hi - k_lo + kKTile - 1) / kKTile;
   const int64_t t_begin = static_cast<int64_t>(blockIdx.z) * tiles_per_split;
   const int64_t t_end = t_begin + tiles_per_split < num_tiles ? t_begin + tiles_per_split : num_tiles;
   const TX* __restrict__ x = static_cast<const TX*>(p.x);
@@ -82,7 +158,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(TX) == 2 ? 2 : 1) shrink_kern
   }
 
   for (int64_t t = t_begin; t < t_end; ++t) {
-    const int64_t k_tile0 = t * kKTile;
+    const int64_t k_tile0 = k_lo + t * kKTile;
     __syncthreads();  // every warp is done reading the previous tile of a_s
     // Stage a[j0 .. j0+15, k_tile0 .. k_tile0+255] as float32; zeros outside a. Column kl of the
     // tile is read by lane kl / 8 as its element kl % 8, so it is stored at slot (kl % 8) * 32 + kl / 8:
@@ -94,12 +170,9 @@ __global__ void __launch_bounds__(kThreads, sizeof(TX) == 2 ? 2 : 1) shrink_kern
       const int kl = kSliced ? q / kRankTile : q % kKTile;
       const int64_t j = j0 + jl, k = k_tile0 + kl;
       float v = 0.0f;
-      if (j < R && k < K) {
+      if (j < j_end && k < k_hi) {
         if constexpr (kSliced) {
-          const int64_t i = j / p.slice_rank;
-          if (k >= p.slice_offsets[i] && k < p.slice_offsets[i + 1]) {
-            v = load_float(a + k * p.slice_rank + (j - i * p.slice_rank));
-          }
+          v = load_float(a + k * p.slice_rank + (j - slice * p.slice_rank));
         } else {
           v = load_float(a + j * K + k);
         }
@@ -109,13 +182,13 @@ __global__ void __launch_bounds__(kThreads, sizeof(TX) == 2 ? 2 : 1) shrink_kern
     __syncthreads();
 
     const int64_t k0 = k_tile0 + lane * 8;
-    const int count = K - k0 >= 8 ? 8 : (K - k0 > 0 ? static_cast<int>(K - k0) : 0);
+    const int count = k_hi - k0 >= 8 ? 8 : (k_hi - k0 > 0 ? static_cast<int>(k_hi - k0) : 0);
     float xv[kRowsPerWarp][8];
 #pragma unroll
     for (int row = 0; row < kRowsPerWarp; ++row) {
       const int64_t m = m_base + row;
       if (m < M && count > 0) {
-        load8(x + m * p.x_row_stride + k0, x_vec && count == 8, count, xv[row]);
+        load8(x + m * p.x_row_stride + k0, x_vec_here && count == 8, count, xv[row]);
         if (drop.enabled) {
 #pragma unroll
           for (int c = 0; c < 8; ++c) {
@@ -144,7 +217,69 @@ __global__ void __launch_bounds__(kThreads, sizeof(TX) == 2 ? 2 : 1) shrink_kern
       for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
       const int idx = row * kRankTile + j;
       const int64_t m = m_base + row, jj = j0 + j;
-      if ((idx & 31) == lane && m < M && jj < R) dst[m * R + jj] = final_output ? alpha * v : v;
+      if ((idx & 31) == lane && m < M && jj < j_end) dst[m * R + jj] = final_output ? alpha * v : v;
+    }
+  }
+}
+
+// Tensor cores: warp w of block b owns item 4b + w = row tile * rank_tiles + rank tile (the rank
+// tile fastest, so the warps that read the same 32 rows of x run side by side and all but the first
+// find them in L2): tokens m0 .. m0+31, rows j0 .. j0 + 8 kNT - 1 of a, K tiles of kMmaKTile
+// columns [blockIdx.z * tiles_per_split, ..). out and final_output as in shrink_kernel. x_vec / a_vec: see shrink_warp_mma.
+template <typename T, int kNT, bool kDropout>
+__global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks) shrink_mma_kernel(const ShrinkParams p, int64_t tiles_per_split,
+                                                                  bool x_vec, bool a_vec, float* __restrict__ out,
+                                                                  bool final_output) {
+  const int lane = threadIdx.x & 31;
+  const int64_t M = p.m, K = p.k, R = p.rank;
+  const int64_t rank_tiles = (R + 8 * kNT - 1) / (8 * kNT);
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * kMmaWarps + (threadIdx.x >> 5);
+  const int64_t row_tiles = (M + kMmaWarpRows - 1) / kMmaWarpRows;
+  if (item >= row_tiles * rank_tiles) return;  // a whole warp leaves; no barrier follows
+  const int64_t row_tile = item / rank_tiles;
+  const int64_t m0 = row_tile * kMmaWarpRows;
+  const int64_t j0 = (item - row_tile * rank_tiles) * (8 * kNT);
+  const int64_t num_tiles = (K + kMmaKTile - 1) / kMmaKTile;
+  const int64_t t_begin = static_cast<int64_t>(blockIdx.z) * tiles_per_split;
+  const int64_t t_end = t_begin + tiles_per_split < num_tiles ? t_begin + tiles_per_split : num_tiles;
+  const int64_t k_begin = t_begin * kMmaKTile;  // a multiple of 32, as shrink_warp_mma needs
+  const int64_t k_end = t_end * kMmaKTile < K ? t_end * kMmaKTile : K;
+  uint32_t row_ok = 0;  // rows j0 + r of a that exist
+#pragma unroll
+  for (int r = 0; r < 8 * kNT; ++r) {
+    if (j0 + r < R) row_ok |= 1u << r;
+  }
+  const DeviceDropout drop = make_device_dropout(p.dropout);
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const T* __restrict__ a_rows = static_cast<const T*>(p.a) + j0 * K;
+
+  float acc[kMmaRowTiles][kNT][4];
+#pragma unroll
+  for (int i = 0; i < kMmaRowTiles; ++i) {
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+    }
+  }
+  shrink_warp_mma<T, kMmaRowTiles, kNT, kDropout>(acc, x, p.x_row_stride, m0, M, a_rows, row_ok, K, k_begin, k_end,
+                                                  x_vec, a_vec, drop, lane);
+
+  // C fragment element e of (i, j): token m0 + 16 i + g (+ 8 for e >= 2), row j0 + 8 j + 2t + (e & 1).
+  const float keep = kDropout ? drop.keep_scale : 1.0f;
+  float* __restrict__ dst = final_output ? out : out + static_cast<int64_t>(blockIdx.z) * M * R;
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int i = 0; i < kMmaRowTiles; ++i) {
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t m = m0 + 16 * i + g + (e >= 2 ? 8 : 0);
+        const int64_t jj = j0 + 8 * j + 2 * t + (e & 1);
+        const float v = keep * acc[i][j][e];
+        if (m < M && jj < R) dst[m * R + jj] = final_output ? p.alpha * v : v;
+      }
     }
   }
 }
@@ -175,21 +310,41 @@ cudaError_t launch_shrink(const ShrinkParams& p) {
     return cudaErrorInvalidValue;
   }
   const ShrinkPlan plan = make_plan(p);
-  const int64_t rank_tiles = (p.rank + kRankTile - 1) / kRankTile;
-  const int64_t row_tiles = (p.m + kBlockRows - 1) / kBlockRows;
-  if (row_tiles * rank_tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  const int64_t items = plan.row_tiles * plan.rank_tiles;  // blocks (FMA) or warps (mma)
+  const int64_t blocks = plan.mma ? (items + kMmaWarps - 1) / kMmaWarps : items;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   float* out = p.h;
   if (plan.splits > 1) {
     if (p.workspace == nullptr || p.workspace_floats < plan.splits * p.m * p.rank) return cudaErrorInvalidValue;
     out = p.workspace;
   }
-  const dim3 grid(static_cast<unsigned>(row_tiles * rank_tiles), 1, static_cast<unsigned>(plan.splits));
+  const dim3 grid(static_cast<unsigned>(blocks), 1, static_cast<unsigned>(plan.splits));
   const int x_bytes = p.x_dtype == DType::kFloat32 ? 4 : 2;
   const bool x_vec = vector_rows_ok(p.x, p.x_row_stride, p.m, x_bytes);
   const bool final_output = plan.splits == 1;
   cudaError_t err = dispatch_value_adapter(p.x_dtype, p.a_dtype, [&](auto tx, auto ta) {
     using TX = typename decltype(tx)::type;
     using TA = typename decltype(ta)::type;
+    if constexpr (std::is_same<TX, TA>::value && MmaOperand<TX>::kSupported) {
+      if (plan.mma) {
+        // a [R, K] contiguous: 16-byte row starts iff a is 16-byte aligned and K * 2 bytes is a multiple of 16.
+        const bool a_vec = vector_rows_ok(p.a, p.k, p.rank, 2);
+        const auto launch = [&](auto kernel) {
+          kernel<<<grid, kMmaThreads, 0, p.stream>>>(p, plan.tiles_per_split, x_vec, a_vec, out, final_output);
+        };
+        // The dropout variant is its own kernel: its hashing would otherwise raise the register count
+        // (and lower the occupancy) of the plain one.
+        const bool drop = p.dropout.enabled;
+        if (plan.ntiles == 1) {
+          drop ? launch(shrink_mma_kernel<TX, 1, true>) : launch(shrink_mma_kernel<TX, 1, false>);
+        } else if (plan.ntiles == 2) {
+          drop ? launch(shrink_mma_kernel<TX, 2, true>) : launch(shrink_mma_kernel<TX, 2, false>);
+        } else {
+          drop ? launch(shrink_mma_kernel<TX, 4, true>) : launch(shrink_mma_kernel<TX, 4, false>);
+        }
+        return cudaGetLastError();
+      }
+    }
     if (p.num_slices > 0) {
       shrink_kernel<TX, TA, true><<<grid, kThreads, 0, p.stream>>>(p, plan.tiles_per_split, x_vec, out, final_output);
     } else {
