@@ -25,13 +25,14 @@
 
 #include "checks.h"
 #include "cpu/common.h"
+#include "cpu/merge_fused.h"
 
 namespace loracuda {
 namespace cpu {
 namespace {
 
 // exact: merge_exact_ (codes and merge in one sweep of each row).
-enum class Mode { merge, codes, unmerge, exact };
+using Mode = MergeMode;
 
 template <typename T>
 using bits_t = std::conditional_t<sizeof(T) == 8, uint64_t, std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>>;
@@ -241,6 +242,28 @@ inline void row_op(Mode mode, T* w, const acc_t<T>* d, int64_t n, uint8_t* c, T*
   row_generic<T>(mode, w, d, n, c, saved);
 }
 
+// patch_escapes for a row whose codes are whole bytes (row_codes: the byte of its element 0, n a
+// multiple of 4), read from the packed codes: per 8 bytes (32 elements), bit 2q of
+// x & (x >> 1) & 0x55.. is set iff element q has code 3.
+template <typename T>
+inline int64_t patch_escapes_packed(const uint8_t* row_codes, T* w, int64_t n, const T* values, int64_t next) {
+  int64_t k = 0;
+  for (; k + 32 <= n; k += 32) {
+    uint64_t x;
+    std::memcpy(&x, row_codes + k / 4, 8);
+    for (uint64_t h = x & (x >> 1) & UINT64_C(0x5555555555555555); h != 0; h &= h - 1) {
+      w[k + __builtin_ctzll(h) / 2] = values[next++];
+    }
+  }
+  for (; k < n; k += 4) {
+    const uint8_t x = row_codes[k / 4];
+    for (int q = 0; q < 4; ++q) {
+      if (((x >> (2 * q)) & 3) == 3) w[k + q] = values[next++];
+    }
+  }
+  return next;
+}
+
 // Escape handling of one call, per block of kRows rows (block blk: rows blk * kRows ..):
 //   collect (merge_exact_): collect[blk] receives the block's original code-3 values, in flat order;
 //   patch (unmerge_exact_ with values): block blk writes patch[patch_offset[blk]], ... into its
@@ -262,14 +285,49 @@ void merge_family(T* w, int64_t rows, int64_t cols, const Tensor& a, const Tenso
   const F s = static_cast<F>(scale);
   constexpr int kRows = detail::kDeltaRows;
   const int64_t blocks = (rows + kRows - 1) / kRows;
+  // Whole blocks take the fused AVX-512 path where it applies (cpu/merge_fused.h: the same values).
+  const bool fused_path = fused::usable<T>(cols);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<F> delta(static_cast<size_t>(kRows * cols)), spill(static_cast<size_t>(cols));
-    std::vector<F> zero_b(static_cast<size_t>(r), F(0));
-    std::vector<uint8_t> c(mode == Mode::merge ? 0 : static_cast<size_t>(cols));
-    std::vector<T> saved(mode == Mode::exact ? static_cast<size_t>(cols) : 0);
+    // The generic path's buffers, allocated only if a block of this range takes it.
+    std::vector<F> delta, spill, zero_b;
+    std::vector<uint8_t> c;
+    std::vector<T> saved;
+    std::vector<T> row_escapes[kRows];
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t i0 = blk * kRows;
       const int nb = static_cast<int>(std::min<int64_t>(kRows, rows - i0));
+      if constexpr (!std::is_same_v<T, double>) {
+        if (fused_path && nb == kRows) {
+          fused::Block<T> fb;
+          const F* brows[kRows];
+          for (int i = 0; i < kRows; ++i) {
+            const int64_t e0 = (i0 + i) * cols;  // a multiple of 4: the row's codes start on a byte
+            fb.w[i] = w + e0;
+            fb.codes[i] = codes != nullptr ? codes + e0 / 4 : nullptr;
+            fb.escapes[i] = &row_escapes[i];
+            brows[i] = bp + (i0 + i) * r;
+          }
+          fused::block<T>(mode, ap, cols, brows, r, s, fb);
+          if (mode == Mode::exact) {
+            for (auto& list : row_escapes) {
+              (*esc.collect)[blk].insert((*esc.collect)[blk].end(), list.begin(), list.end());
+              list.clear();
+            }
+          }
+          if (esc.patch != nullptr) {
+            int64_t next = esc.patch_offset[blk];
+            for (int i = 0; i < kRows; ++i) next = patch_escapes_packed<T>(fb.codes[i], fb.w[i], cols, esc.patch, next);
+          }
+          continue;
+        }
+      }
+      if (delta.empty()) {
+        delta.resize(static_cast<size_t>(kRows * cols));
+        spill.resize(static_cast<size_t>(cols));
+        zero_b.assign(static_cast<size_t>(r), F(0));
+        c.resize(mode == Mode::merge ? 0 : static_cast<size_t>(cols));
+        saved.resize(mode == Mode::exact ? static_cast<size_t>(cols) : 0);
+      }
       // Prefetch this block's weight rows: the delta arithmetic hides their DRAM latency.
       detail::Prefetch pf;
       pf.elem_bytes = sizeof(T);
