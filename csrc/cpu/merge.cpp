@@ -161,8 +161,9 @@ inline int64_t patch_escapes(const uint8_t* c, T* w, int64_t n, const T* values,
 }
 
 // Number of code-3 elements among elements e0 .. e0+n of packed codes: the partial bytes at either
-// end code by code, whole 8-byte words by a SWAR popcount, the remaining whole bytes by a table of the
-// number of 3s among a byte's codes (not __builtin_popcount: without -mpopcnt it is a library call).
+// end code by code, whole 8-byte words by a popcount, the remaining whole bytes by a table of the
+// number of 3s among a byte's codes (__builtin_popcount only in a popcnt clone: without the
+// instruction it is a library call).
 constexpr std::array<uint8_t, 256> make_escape_count_table() {
   std::array<uint8_t, 256> t{};
   for (int b = 0; b < 256; ++b) {
@@ -172,24 +173,47 @@ constexpr std::array<uint8_t, 256> make_escape_count_table() {
 }
 constexpr std::array<uint8_t, 256> kEscapesInByte = make_escape_count_table();
 
-inline int64_t count_escapes(const uint8_t* codes, int64_t e0, int64_t n) {
+// kPopcnt: whole words counted by the popcnt instruction (the clone below), else by a SWAR popcount.
+// No branch on a word's count: with escapes in a fair share of words it would be mispredicted often.
+template <bool kPopcnt>
+__attribute__((always_inline)) inline int64_t count_escapes_impl(const uint8_t* codes, int64_t e0, int64_t n) {
   auto code_at = [&](int64_t e) { return (codes[e >> 2] >> (2 * (e & 3))) & 3; };
   int64_t count = 0, k = 0;
   for (; k < n && ((e0 + k) & 3) != 0; ++k) count += code_at(e0 + k) == 3;
-  // Whole 8-byte words (32 elements): bit 2q of h is set iff element q has code 3; counted by the
-  // usual SWAR popcount (h has only even bits, so the first step of the pairwise sum is a no-op).
+  // Whole 8-byte words (32 elements): bit 2q of h is set iff element q has code 3 (h has only even
+  // bits, so the first step of the SWAR pairwise sum is a no-op).
   for (; k + 32 <= n; k += 32) {
     uint64_t x;
     std::memcpy(&x, codes + ((e0 + k) >> 2), 8);
     uint64_t h = x & (x >> 1) & UINT64_C(0x5555555555555555);
-    if (h == 0) continue;
-    h = (h & UINT64_C(0x3333333333333333)) + ((h >> 2) & UINT64_C(0x3333333333333333));
-    h = (h + (h >> 4)) & UINT64_C(0x0F0F0F0F0F0F0F0F);
-    count += static_cast<int64_t>((h * kLowBits) >> 56);
+    if constexpr (kPopcnt) {
+      count += __builtin_popcountll(h);
+    } else {
+      h = (h & UINT64_C(0x3333333333333333)) + ((h >> 2) & UINT64_C(0x3333333333333333));
+      h = (h + (h >> 4)) & UINT64_C(0x0F0F0F0F0F0F0F0F);
+      count += static_cast<int64_t>((h * kLowBits) >> 56);
+    }
   }
   for (; k + 4 <= n; k += 4) count += kEscapesInByte[codes[(e0 + k) >> 2]];
   for (; k < n; ++k) count += code_at(e0 + k) == 3;
   return count;
+}
+
+#ifdef LORACUDA_X86_DISPATCH
+__attribute__((target("popcnt"))) int64_t count_escapes_popcnt(const uint8_t* codes, int64_t e0, int64_t n) {
+  return count_escapes_impl<true>(codes, e0, n);
+}
+#endif
+
+inline int64_t count_escapes(const uint8_t* codes, int64_t e0, int64_t n) {
+#ifdef LORACUDA_X86_DISPATCH
+  static const bool popcnt = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("popcnt") != 0;
+  }();
+  if (popcnt) return count_escapes_popcnt(codes, e0, n);
+#endif
+  return count_escapes_impl<false>(codes, e0, n);
 }
 
 // The element-wise part of each op on one row of n elements, given the row's delta d. Always inlined
@@ -242,32 +266,10 @@ inline void row_op(Mode mode, T* w, const acc_t<T>* d, int64_t n, uint8_t* c, T*
   row_generic<T>(mode, w, d, n, c, saved);
 }
 
-// patch_escapes for a row whose codes are whole bytes (row_codes: the byte of its element 0, n a
-// multiple of 4), read from the packed codes: per 8 bytes (32 elements), bit 2q of
-// x & (x >> 1) & 0x55.. is set iff element q has code 3.
-template <typename T>
-inline int64_t patch_escapes_packed(const uint8_t* row_codes, T* w, int64_t n, const T* values, int64_t next) {
-  int64_t k = 0;
-  for (; k + 32 <= n; k += 32) {
-    uint64_t x;
-    std::memcpy(&x, row_codes + k / 4, 8);
-    for (uint64_t h = x & (x >> 1) & UINT64_C(0x5555555555555555); h != 0; h &= h - 1) {
-      w[k + __builtin_ctzll(h) / 2] = values[next++];
-    }
-  }
-  for (; k < n; k += 4) {
-    const uint8_t x = row_codes[k / 4];
-    for (int q = 0; q < 4; ++q) {
-      if (((x >> (2 * q)) & 3) == 3) w[k + q] = values[next++];
-    }
-  }
-  return next;
-}
-
 // Escape handling of one call, per block of kRows rows (block blk: rows blk * kRows ..):
 //   collect (merge_exact_): collect[blk] receives the block's original code-3 values, in flat order;
 //   patch (unmerge_exact_ with values): block blk writes patch[patch_offset[blk]], ... into its
-//   code-3 elements, in flat order.
+//   code-3 elements, in flat order (patch_offset: [blocks + 1], the last entry the total).
 template <typename T>
 struct Escapes {
   std::vector<std::vector<T>>* collect = nullptr;
@@ -292,31 +294,35 @@ void merge_family(T* w, int64_t rows, int64_t cols, const Tensor& a, const Tenso
     std::vector<F> delta, spill, zero_b;
     std::vector<uint8_t> c;
     std::vector<T> saved;
-    std::vector<T> row_escapes[kRows];
+    std::vector<T> row_escapes;  // the fused path's escapes of a block's rows, cols + 1 each
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t i0 = blk * kRows;
       const int nb = static_cast<int>(std::min<int64_t>(kRows, rows - i0));
       if constexpr (!std::is_same_v<T, double>) {
         if (fused_path && nb == kRows) {
+          if (mode == Mode::exact && row_escapes.empty()) row_escapes.resize(static_cast<size_t>(kRows * (cols + 1)));
           fused::Block<T> fb;
           const F* brows[kRows];
           for (int i = 0; i < kRows; ++i) {
             const int64_t e0 = (i0 + i) * cols;  // a multiple of 4: the row's codes start on a byte
             fb.w[i] = w + e0;
             fb.codes[i] = codes != nullptr ? codes + e0 / 4 : nullptr;
-            fb.escapes[i] = &row_escapes[i];
+            fb.escapes[i] = mode == Mode::exact ? row_escapes.data() + i * (cols + 1) : nullptr;
+            fb.escape_count[i] = 0;
+            fb.patch[i] = nullptr;
             brows[i] = bp + (i0 + i) * r;
+          }
+          if (esc.patch != nullptr) {  // where each row's escape values start
+            int64_t next = esc.patch_offset[blk];
+            for (int i = 0; i < kRows; ++i) {
+              fb.patch[i] = esc.patch + next;
+              next += count_escapes(codes, (i0 + i) * cols, cols);
+            }
           }
           fused::block<T>(mode, ap, cols, brows, r, s, fb);
           if (mode == Mode::exact) {
-            for (auto& list : row_escapes) {
-              (*esc.collect)[blk].insert((*esc.collect)[blk].end(), list.begin(), list.end());
-              list.clear();
-            }
-          }
-          if (esc.patch != nullptr) {
-            int64_t next = esc.patch_offset[blk];
-            for (int i = 0; i < kRows; ++i) next = patch_escapes_packed<T>(fb.codes[i], fb.w[i], cols, esc.patch, next);
+            std::vector<T>& list = (*esc.collect)[blk];
+            for (int i = 0; i < kRows; ++i) list.insert(list.end(), fb.escapes[i], fb.escapes[i] + fb.escape_count[i]);
           }
           continue;
         }
@@ -417,8 +423,13 @@ Tensor restore_codes(const Tensor& weight, const Tensor& lora_a, const Tensor& l
 template <typename T>
 void unmerge_with_escapes(Tensor& weight, const Tensor& lora_a, const Tensor& lora_b, double scale, bool transposed,
                           const uint8_t* codes, const Tensor& values, const std::vector<int64_t>& offsets) {
+  // The fused path reads the values 16 at a time from each row's first one: a copy with 16 elements
+  // of padding (the values are about 1% of the weight).
+  const int64_t count = values.numel();
+  Tensor padded = at::zeros({count + 16}, values.options());
+  padded.narrow(0, 0, count).copy_(values);
   Escapes<T> e;
-  e.patch = values.const_data_ptr<T>();
+  e.patch = padded.const_data_ptr<T>();
   e.patch_offset = offsets.data();
   run_typed<T>(weight, lora_a, lora_b, scale, transposed, Mode::unmerge, const_cast<uint8_t*>(codes), e);
 }
