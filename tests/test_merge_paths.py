@@ -178,3 +178,29 @@ def test_every_16_bit_pattern_survives_a_minus_zero_delta(dtype):
     nan = torch.isnan(original)
     assert torch.equal(bit_pattern(w)[~nan], bit_pattern(original)[~nan])
     assert torch.equal(bit_pattern(w)[nan], _c10_nan(dtype, original[nan].float()))
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float32))
+def test_fused_path_is_independent_of_the_thread_count(dtype):
+    """Rows of 516 elements (the fused path where the CPU has it; 129 blocks of 8 rows and a partial
+    one): merge_exact_'s weights, codes and escapes, and the restored weight, on 1 and 2 threads."""
+    g = torch.Generator().manual_seed(3)
+    weight = (torch.randn(1031, 516, generator=g) * 0.02).to(dtype)
+    lora_a = torch.randn(16, 516, generator=g) * 0.05
+    lora_b = torch.randn(1031, 16, generator=g) * 0.05
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            merged = weight.clone()
+            codes, values = ops.merge_exact_(merged, lora_a, lora_b, 2.0, False)
+            restored = merged.clone()
+            ops.unmerge_exact_(restored, lora_a, lora_b, 2.0, codes, False, escape_values=values)
+            results.append((bit_pattern(merged), codes, bit_pattern(values), bit_pattern(restored)))
+    finally:
+        torch.set_num_threads(before)
+    assert results[0][2].numel() > 0, "test defect: no escapes"
+    for name, one, two in zip(("merged", "codes", "escape values", "restored"), *results):
+        assert torch.equal(one, two), f"{name} differ between 1 and 2 threads"
+    assert torch.equal(results[0][3], bit_pattern(weight)), "the round trip is not bit-exact"
