@@ -3,7 +3,9 @@
 // All of them walk the contiguous weight in blocks of 8 rows and get the block's delta from the one
 // micro-kernel of cpu/common.h (delta_rows: a fixed fused multiply-add chain over j, then * scale,
 // in float32 -- float64 for float64 weights), so the three agree bit for bit and no full-size delta
-// is allocated. A transposed weight (stored [K, N]) is the plain case of weight [K, N] with
+// is allocated. On AVX-512 CPUs, whole blocks of float32 / bf16 / fp16 rows of a multiple of 4
+// elements take cpu/merge_fused.h instead: the same chain, with the element-wise part done while the
+// delta is in registers (same values; tests/test_merge_paths.py compares the paths). A transposed weight (stored [K, N]) is the plain case of weight [K, N] with
 // a' = lora_b^T [r, N] and b' = lora_a^T [K, r]: the products b[n, j] * a[j, k] are the same numbers
 // in the same order over j, so one kernel serves both layouts.
 //
