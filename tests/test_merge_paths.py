@@ -1,8 +1,9 @@
 """The CPU merge family's code paths against each other and its roundings against torch's casts.
 
 The CPU kernels pick a path per machine (AVX-512 with the fused epilogue of csrc/cpu/merge_fused.h for
-rows of a multiple of 4 elements, for bf16 with or without the AVX512_BF16 conversion instruction,
-AVX2, generic); LORACUDA_CPU_ISA=avx512-no-bf16 / avx2 / generic limits the choice in a fresh process. Every path must give the same bits: merge_'s weights, restore_codes, merge_exact_'s
+rows of a multiple of 4 elements, for bf16 / fp16 with or without the AVX512_BF16 + AVX512_VBMI2
+variant, AVX2, generic); LORACUDA_CPU_ISA=avx512-base / avx2 / generic limits the choice in a fresh
+process. Every path must give the same bits: merge_'s weights, restore_codes, merge_exact_'s
 record, unmerge_exact_'s weights, for every dtype, both layouts, and shapes with column tails (not a
 multiple of 16 or 32), row tails (not a multiple of 8) and rows whose length is not a multiple of 4.
 
@@ -96,7 +97,7 @@ def _run_worker(isa, path):
 
 
 def test_cpu_paths_agree_bit_for_bit(tmp_path):
-    paths = (None, "avx512-no-bf16", "avx2", "generic")
+    paths = (None, "avx512-base", "avx2", "generic")
     results = {isa or "best": _run_worker(isa, tmp_path / f"{isa}.pt") for isa in paths}
     best = results["best"]
     for name in paths[1:]:

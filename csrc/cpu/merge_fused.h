@@ -31,10 +31,10 @@ constexpr int kRows = detail::kDeltaRows;  // rows per block, as delta_rows
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-// Every function here is compiled for the union of what the variants use (avx512bf16: only the bf16
-// conversion variant issues its instructions, which the compiler does not generate from plain code --
-// no __bf16 type is used -- so the other variants run on AVX-512 CPUs without it).
-#define LORACUDA_FUSED_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,bmi2,popcnt"
+// Every function here is compiled for the union of what the variants use (avx512bf16, avx512vbmi2:
+// only the Hw variant issues their instructions, through intrinsics; the compiler does not generate
+// them from plain code -- no __bf16 type is used -- so the other variants run on AVX-512 CPUs without).
+#define LORACUDA_FUSED_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi2,bmi2,popcnt"
 #define LORACUDA_FUSED_INLINE __attribute__((target(LORACUDA_FUSED_TARGET), always_inline)) inline
 
 // Codes from the bit patterns of the original (bw) and restored (b2) values of 16 elements, as two
@@ -75,7 +75,8 @@ LORACUDA_FUSED_INLINE __m256i patch_u16(__m256i raw, __mmask16 esc, const void* 
 // 16 elements of a weight dtype in float32 lanes. Raw: their bit patterns in the form the codes compare
 // and the stores write. load: masked (lanes off the mask read 0); round: float32 -> the dtype, giving
 // the rounded value widened back (exact) and its Raw; adjust: one bit pattern up on `up`, down on `down`.
-// Hw: bf16 with the AVX512_BF16 conversion instruction (Lanes<c10::BFloat16, true>).
+// Hw: the variant for CPUs with AVX512_BF16 and AVX512_VBMI2 (bf16 rounded by the conversion
+// instruction, escape values expanded 16 bits at a time), for bf16 and fp16.
 template <typename T, bool Hw = false>
 struct Lanes;
 
@@ -177,7 +178,7 @@ struct Lanes<c10::BFloat16, true> {
   }
   LORACUDA_FUSED_INLINE static void store(c10::BFloat16* p, __mmask16 m, Raw raw) { _mm256_mask_storeu_epi16(p, m, raw); }
   LORACUDA_FUSED_INLINE static Raw patch(Raw raw, __mmask16 esc, const c10::BFloat16* src) {
-    return patch_u16(raw, esc, src);
+    return _mm256_mask_expandloadu_epi16(raw, esc, src);
   }
   using Saved = uint16_t;
   LORACUDA_FUSED_INLINE static void save(Saved* p, Raw raw) { _mm256_store_si256(reinterpret_cast<__m256i*>(p), raw); }
@@ -218,6 +219,14 @@ struct Lanes<c10::Half> {
   LORACUDA_FUSED_INLINE static Raw adjust(Raw raw, __mmask16 up, __mmask16 down) {
     const __m256i one = _mm256_set1_epi16(1);
     return _mm256_mask_sub_epi16(_mm256_mask_add_epi16(raw, up, raw, one), down, raw, one);
+  }
+};
+
+// fp16 on the Hw variant: the same, with the escape values expanded by vpexpandw.
+template <>
+struct Lanes<c10::Half, true> : Lanes<c10::Half> {
+  LORACUDA_FUSED_INLINE static Raw patch(Raw raw, __mmask16 esc, const c10::Half* src) {
+    return _mm256_mask_expandloadu_epi16(raw, esc, src);
   }
 };
 
@@ -359,10 +368,10 @@ __attribute__((target(LORACUDA_FUSED_TARGET))) void block_avx512(const float* a,
 #pragma GCC diagnostic pop
 
 // The CPU features of this path beyond detail::isa()'s AVX-512 F/BW/VL: BMI2, POPCNT and AVX-512DQ always,
-// AVX512_BF16 for the bf16 conversion variant, which LORACUDA_CPU_ISA=avx512-no-bf16 also turns off
-// (so that tests reach the other bf16 variant on such a CPU).
+// AVX512_BF16 and AVX512_VBMI2 for the Hw variant, which LORACUDA_CPU_ISA=avx512-base also turns off
+// (so that tests reach the other variant on such a CPU).
 struct Features {
-  bool base = false, bf16 = false;
+  bool base = false, hw = false;
 };
 
 inline Features features() {
@@ -371,8 +380,8 @@ inline Features features() {
     Features f;
     f.base = __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt") && __builtin_cpu_supports("avx512dq");
     const char* limit = std::getenv("LORACUDA_CPU_ISA");
-    const bool no_bf16 = limit != nullptr && std::strcmp(limit, "avx512-no-bf16") == 0;
-    f.bf16 = f.base && !no_bf16 && __builtin_cpu_supports("avx512bf16");
+    const bool base_only = limit != nullptr && std::strcmp(limit, "avx512-base") == 0;
+    f.hw = f.base && !base_only && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi2");
     return f;
   }();
   return value;
@@ -402,8 +411,8 @@ inline void block_mode(MergeMode mode, const float* a, int64_t K, const float* c
 template <typename T>
 inline void block(MergeMode mode, const float* a, int64_t K, const float* const* b, int r, float scale,
                   Block<T>& blk) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (features().bf16) return block_mode<T, true>(mode, a, K, b, r, scale, blk);
+  if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
+    if (features().hw) return block_mode<T, true>(mode, a, K, b, r, scale, blk);
   }
   block_mode<T, false>(mode, a, K, b, r, scale, blk);
 }
