@@ -344,7 +344,10 @@ LORACUDA_FUSED_INLINE void columns(const float* a, int64_t K, const float* const
 // One block of kRows whole rows of K columns: a [r, K] and b (row i's r factors at b[i]) in float32.
 template <typename T, MergeMode M, bool Hw>
 __attribute__((target(LORACUDA_FUSED_TARGET))) void block_avx512(const float* a, int64_t K, const float* const* b,
-                                                                 int r, float scale, Block<T>& blk) {
+                                                                 int r, float scale, Block<T>& block) {
+  // A local copy: no store through a weight or code pointer can alias it, so its pointers and counts
+  // stay in registers instead of being reloaded after every store.
+  Block<T> blk = block;
   const __m512 vs = _mm512_set1_ps(scale);
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
@@ -361,6 +364,7 @@ __attribute__((target(LORACUDA_FUSED_TARGET))) void block_avx512(const float* a,
     const int n = static_cast<int>(std::min<int64_t>(16, K - k));
     columns<T, M, Hw, 1>(a, K, b, r, vs, blk, k, static_cast<__mmask16>((1u << n) - 1), n);
   }
+  block = blk;
 }
 
 #undef LORACUDA_FUSED_INLINE
