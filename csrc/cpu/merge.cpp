@@ -394,10 +394,18 @@ int64_t row_blocks(const Tensor& weight) { return (weight.size(0) + detail::kDel
 
 // Escapes per block of kRows rows counted from the codes, as exclusive offsets [blocks + 1] (the
 // last entry is the total). Each block counts its own elements, so the count splits across threads.
+// Counting the escapes of fewer than kSerialPassElems elements (a pass over at most 2 MiB of codes,
+// tens of microseconds) is cheaper on the calling thread than in a parallel region, whose start can
+// cost far more on a busy machine: such a pass gets a grain of all its blocks, so at::parallel_for
+// runs it inline.
+constexpr int64_t kSerialPassElems = int64_t{1} << 23;
+
+inline int64_t serial_grain(int64_t blocks, int64_t elems) { return elems < kSerialPassElems ? std::max<int64_t>(1, blocks) : 1; }
+
 std::vector<int64_t> escape_offsets(const Tensor& weight, const uint8_t* codes) {
   const int64_t blocks = row_blocks(weight), cols = weight.size(1), rows = weight.size(0);
   std::vector<int64_t> offsets(static_cast<size_t>(blocks + 1), 0);
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, blocks, serial_grain(blocks, weight.numel()), [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t r0 = blk * detail::kDeltaRows, r1 = std::min<int64_t>(rows, r0 + detail::kDeltaRows);
       offsets[blk + 1] = count_escapes(codes, r0 * cols, (r1 - r0) * cols);
@@ -483,7 +491,9 @@ std::tuple<Tensor, Tensor> merge_exact_(Tensor& weight, const Tensor& lora_a, co
     for (int64_t blk = 0; blk < blocks; ++blk) offsets[blk + 1] = offsets[blk] + static_cast<int64_t>(lists[blk].size());
     values = at::empty({offsets.back()}, weight.options());
     T* out = values.data_ptr<T>();
-    at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+    // Under 1 MiB of values (a few tens of microseconds of copying) on the calling thread, as above.
+    const bool small = offsets.back() * static_cast<int64_t>(sizeof(T)) < (int64_t{1} << 20);
+    at::parallel_for(0, blocks, small ? std::max<int64_t>(1, blocks) : 16, [&](int64_t b0, int64_t b1) {
       for (int64_t blk = b0; blk < b1; ++blk) {
         if (!lists[blk].empty()) std::memcpy(out + offsets[blk], lists[blk].data(), lists[blk].size() * sizeof(T));
       }
