@@ -166,7 +166,7 @@ def test_rounding_matches_torch_casts(dtype):
     got = bit_pattern(_merge_neg_zero(values, dtype))
     nan = torch.isnan(values)
     want = bit_pattern(values.to(dtype))
-    assert torch.equal(got[~nan], want[~nan]), "float32 -> {dtype} rounding differs from torch's cast"
+    assert torch.equal(got[~nan], want[~nan]), f"float32 -> {dtype} rounding differs from torch's cast"
     assert torch.equal(got[nan], _c10_nan(dtype, values[nan]))
 
 
