@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <type_traits>
@@ -185,13 +186,23 @@ __attribute__((target("avx2,fma"))) inline void keep_segment_avx2(DropoutKey key
 
 enum class Isa { generic, avx2, avx512 };
 
+// The widest path the CPU supports, lowered by the environment variable LORACUDA_CPU_ISA=generic or
+// avx2 (read once, at the first kernel call), so that tests can compare the paths' results on one
+// machine; other values, or a path the CPU lacks, leave the choice to the CPU.
 inline Isa detect_isa() {
+  Isa best = Isa::generic;
 #ifdef LORACUDA_X86_DISPATCH
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return Isa::avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) {
+    best = Isa::avx512;
+  } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    best = Isa::avx2;
+  }
 #endif
-  return Isa::generic;
+  const char* limit = std::getenv("LORACUDA_CPU_ISA");
+  if (limit != nullptr && std::strcmp(limit, "generic") == 0) return Isa::generic;
+  if (limit != nullptr && std::strcmp(limit, "avx2") == 0 && best == Isa::avx512) return Isa::avx2;
+  return best;
 }
 
 inline Isa isa() {

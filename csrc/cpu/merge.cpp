@@ -3,7 +3,9 @@
 // All of them walk the contiguous weight in blocks of 8 rows and get the block's delta from the one
 // micro-kernel of cpu/common.h (delta_rows: a fixed fused multiply-add chain over j, then * scale,
 // in float32 -- float64 for float64 weights), so the three agree bit for bit and no full-size delta
-// is allocated. A transposed weight (stored [K, N]) is the plain case of weight [K, N] with
+// is allocated. On AVX-512 CPUs, whole blocks of float32 / bf16 / fp16 rows of a multiple of 4
+// elements take cpu/merge_fused.h instead: the same chain, with the element-wise part done while the
+// delta is in registers (same values; tests/test_merge_paths.py compares the paths). A transposed weight (stored [K, N]) is the plain case of weight [K, N] with
 // a' = lora_b^T [r, N] and b' = lora_a^T [K, r]: the products b[n, j] * a[j, k] are the same numbers
 // in the same order over j, so one kernel serves both layouts.
 //
@@ -25,13 +27,14 @@
 
 #include "checks.h"
 #include "cpu/common.h"
+#include "cpu/merge_fused.h"
 
 namespace loracuda {
 namespace cpu {
 namespace {
 
 // exact: merge_exact_ (codes and merge in one sweep of each row).
-enum class Mode { merge, codes, unmerge, exact };
+using Mode = MergeMode;
 
 template <typename T>
 using bits_t = std::conditional_t<sizeof(T) == 8, uint64_t, std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>>;
@@ -160,8 +163,9 @@ inline int64_t patch_escapes(const uint8_t* c, T* w, int64_t n, const T* values,
 }
 
 // Number of code-3 elements among elements e0 .. e0+n of packed codes: the partial bytes at either
-// end code by code, whole 8-byte words by a SWAR popcount, the remaining whole bytes by a table of the
-// number of 3s among a byte's codes (not __builtin_popcount: without -mpopcnt it is a library call).
+// end code by code, whole 8-byte words by a popcount, the remaining whole bytes by a table of the
+// number of 3s among a byte's codes (__builtin_popcount only in a popcnt clone: without the
+// instruction it is a library call).
 constexpr std::array<uint8_t, 256> make_escape_count_table() {
   std::array<uint8_t, 256> t{};
   for (int b = 0; b < 256; ++b) {
@@ -171,24 +175,47 @@ constexpr std::array<uint8_t, 256> make_escape_count_table() {
 }
 constexpr std::array<uint8_t, 256> kEscapesInByte = make_escape_count_table();
 
-inline int64_t count_escapes(const uint8_t* codes, int64_t e0, int64_t n) {
+// kPopcnt: whole words counted by the popcnt instruction (the clone below), else by a SWAR popcount.
+// No branch on a word's count: with escapes in a fair share of words it would be mispredicted often.
+template <bool kPopcnt>
+__attribute__((always_inline)) inline int64_t count_escapes_impl(const uint8_t* codes, int64_t e0, int64_t n) {
   auto code_at = [&](int64_t e) { return (codes[e >> 2] >> (2 * (e & 3))) & 3; };
   int64_t count = 0, k = 0;
   for (; k < n && ((e0 + k) & 3) != 0; ++k) count += code_at(e0 + k) == 3;
-  // Whole 8-byte words (32 elements): bit 2q of h is set iff element q has code 3; counted by the
-  // usual SWAR popcount (h has only even bits, so the first step of the pairwise sum is a no-op).
+  // Whole 8-byte words (32 elements): bit 2q of h is set iff element q has code 3 (h has only even
+  // bits, so the first step of the SWAR pairwise sum is a no-op).
   for (; k + 32 <= n; k += 32) {
     uint64_t x;
     std::memcpy(&x, codes + ((e0 + k) >> 2), 8);
     uint64_t h = x & (x >> 1) & UINT64_C(0x5555555555555555);
-    if (h == 0) continue;
-    h = (h & UINT64_C(0x3333333333333333)) + ((h >> 2) & UINT64_C(0x3333333333333333));
-    h = (h + (h >> 4)) & UINT64_C(0x0F0F0F0F0F0F0F0F);
-    count += static_cast<int64_t>((h * kLowBits) >> 56);
+    if constexpr (kPopcnt) {
+      count += __builtin_popcountll(h);
+    } else {
+      h = (h & UINT64_C(0x3333333333333333)) + ((h >> 2) & UINT64_C(0x3333333333333333));
+      h = (h + (h >> 4)) & UINT64_C(0x0F0F0F0F0F0F0F0F);
+      count += static_cast<int64_t>((h * kLowBits) >> 56);
+    }
   }
   for (; k + 4 <= n; k += 4) count += kEscapesInByte[codes[(e0 + k) >> 2]];
   for (; k < n; ++k) count += code_at(e0 + k) == 3;
   return count;
+}
+
+#ifdef LORACUDA_X86_DISPATCH
+__attribute__((target("popcnt"))) int64_t count_escapes_popcnt(const uint8_t* codes, int64_t e0, int64_t n) {
+  return count_escapes_impl<true>(codes, e0, n);
+}
+#endif
+
+inline int64_t count_escapes(const uint8_t* codes, int64_t e0, int64_t n) {
+#ifdef LORACUDA_X86_DISPATCH
+  static const bool popcnt = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("popcnt") != 0;
+  }();
+  if (popcnt) return count_escapes_popcnt(codes, e0, n);
+#endif
+  return count_escapes_impl<false>(codes, e0, n);
 }
 
 // The element-wise part of each op on one row of n elements, given the row's delta d. Always inlined
@@ -244,7 +271,7 @@ inline void row_op(Mode mode, T* w, const acc_t<T>* d, int64_t n, uint8_t* c, T*
 // Escape handling of one call, per block of kRows rows (block blk: rows blk * kRows ..):
 //   collect (merge_exact_): collect[blk] receives the block's original code-3 values, in flat order;
 //   patch (unmerge_exact_ with values): block blk writes patch[patch_offset[blk]], ... into its
-//   code-3 elements, in flat order.
+//   code-3 elements, in flat order (patch_offset: [blocks + 1], the last entry the total).
 template <typename T>
 struct Escapes {
   std::vector<std::vector<T>>* collect = nullptr;
@@ -262,14 +289,53 @@ void merge_family(T* w, int64_t rows, int64_t cols, const Tensor& a, const Tenso
   const F s = static_cast<F>(scale);
   constexpr int kRows = detail::kDeltaRows;
   const int64_t blocks = (rows + kRows - 1) / kRows;
+  // Whole blocks take the fused AVX-512 path where it applies (cpu/merge_fused.h: the same values).
+  const bool fused_path = fused::usable<T>(cols);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<F> delta(static_cast<size_t>(kRows * cols)), spill(static_cast<size_t>(cols));
-    std::vector<F> zero_b(static_cast<size_t>(r), F(0));
-    std::vector<uint8_t> c(mode == Mode::merge ? 0 : static_cast<size_t>(cols));
-    std::vector<T> saved(mode == Mode::exact ? static_cast<size_t>(cols) : 0);
+    // The generic path's buffers, allocated only if a block of this range takes it.
+    std::vector<F> delta, spill, zero_b;
+    std::vector<uint8_t> c;
+    std::vector<T> saved;
+    std::vector<T> row_escapes;  // the fused path's escapes of a block's rows, cols + 1 each
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t i0 = blk * kRows;
       const int nb = static_cast<int>(std::min<int64_t>(kRows, rows - i0));
+      if constexpr (!std::is_same_v<T, double>) {
+        if (fused_path && nb == kRows) {
+          if (mode == Mode::exact && row_escapes.empty()) row_escapes.resize(static_cast<size_t>(kRows * (cols + 1)));
+          fused::Block<T> fb;
+          const F* brows[kRows];
+          for (int i = 0; i < kRows; ++i) {
+            const int64_t e0 = (i0 + i) * cols;  // a multiple of 4: the row's codes start on a byte
+            fb.w[i] = w + e0;
+            fb.codes[i] = codes != nullptr ? codes + e0 / 4 : nullptr;
+            fb.escapes[i] = mode == Mode::exact ? row_escapes.data() + i * (cols + 1) : nullptr;
+            fb.escape_count[i] = 0;
+            fb.patch[i] = nullptr;
+            brows[i] = bp + (i0 + i) * r;
+          }
+          if (esc.patch != nullptr) {  // where each row's escape values start
+            int64_t next = esc.patch_offset[blk];
+            for (int i = 0; i < kRows; ++i) {
+              fb.patch[i] = esc.patch + next;
+              next += count_escapes(codes, (i0 + i) * cols, cols);
+            }
+          }
+          fused::block<T>(mode, ap, cols, brows, r, s, fb);
+          if (mode == Mode::exact) {
+            std::vector<T>& list = (*esc.collect)[blk];
+            for (int i = 0; i < kRows; ++i) list.insert(list.end(), fb.escapes[i], fb.escapes[i] + fb.escape_count[i]);
+          }
+          continue;
+        }
+      }
+      if (delta.empty()) {
+        delta.resize(static_cast<size_t>(kRows * cols));
+        spill.resize(static_cast<size_t>(cols));
+        zero_b.assign(static_cast<size_t>(r), F(0));
+        c.resize(mode == Mode::merge ? 0 : static_cast<size_t>(cols));
+        saved.resize(mode == Mode::exact ? static_cast<size_t>(cols) : 0);
+      }
       // Prefetch this block's weight rows: the delta arithmetic hides their DRAM latency.
       detail::Prefetch pf;
       pf.elem_bytes = sizeof(T);
@@ -328,10 +394,18 @@ int64_t row_blocks(const Tensor& weight) { return (weight.size(0) + detail::kDel
 
 // Escapes per block of kRows rows counted from the codes, as exclusive offsets [blocks + 1] (the
 // last entry is the total). Each block counts its own elements, so the count splits across threads.
+// Counting the escapes of fewer than kSerialPassElems elements (a pass over at most 2 MiB of codes,
+// tens of microseconds) is cheaper on the calling thread than in a parallel region, whose start can
+// cost far more on a busy machine: such a pass gets a grain of all its blocks, so at::parallel_for
+// runs it inline.
+constexpr int64_t kSerialPassElems = int64_t{1} << 23;
+
+inline int64_t serial_grain(int64_t blocks, int64_t elems) { return elems < kSerialPassElems ? std::max<int64_t>(1, blocks) : 1; }
+
 std::vector<int64_t> escape_offsets(const Tensor& weight, const uint8_t* codes) {
   const int64_t blocks = row_blocks(weight), cols = weight.size(1), rows = weight.size(0);
   std::vector<int64_t> offsets(static_cast<size_t>(blocks + 1), 0);
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, blocks, serial_grain(blocks, weight.numel()), [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t r0 = blk * detail::kDeltaRows, r1 = std::min<int64_t>(rows, r0 + detail::kDeltaRows);
       offsets[blk + 1] = count_escapes(codes, r0 * cols, (r1 - r0) * cols);
@@ -359,8 +433,13 @@ Tensor restore_codes(const Tensor& weight, const Tensor& lora_a, const Tensor& l
 template <typename T>
 void unmerge_with_escapes(Tensor& weight, const Tensor& lora_a, const Tensor& lora_b, double scale, bool transposed,
                           const uint8_t* codes, const Tensor& values, const std::vector<int64_t>& offsets) {
+  // The fused path reads the values 16 at a time from each row's first one: a copy with 16 elements
+  // of padding (the values are about 1% of the weight).
+  const int64_t count = values.numel();
+  Tensor padded = at::zeros({count + 16}, values.options());
+  padded.narrow(0, 0, count).copy_(values);
   Escapes<T> e;
-  e.patch = values.const_data_ptr<T>();
+  e.patch = padded.const_data_ptr<T>();
   e.patch_offset = offsets.data();
   run_typed<T>(weight, lora_a, lora_b, scale, transposed, Mode::unmerge, const_cast<uint8_t*>(codes), e);
 }
@@ -412,7 +491,9 @@ std::tuple<Tensor, Tensor> merge_exact_(Tensor& weight, const Tensor& lora_a, co
     for (int64_t blk = 0; blk < blocks; ++blk) offsets[blk + 1] = offsets[blk] + static_cast<int64_t>(lists[blk].size());
     values = at::empty({offsets.back()}, weight.options());
     T* out = values.data_ptr<T>();
-    at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+    // Under 1 MiB of values (a few tens of microseconds of copying) on the calling thread, as above.
+    const bool small = offsets.back() * static_cast<int64_t>(sizeof(T)) < (int64_t{1} << 20);
+    at::parallel_for(0, blocks, small ? std::max<int64_t>(1, blocks) : 16, [&](int64_t b0, int64_t b1) {
       for (int64_t blk = b0; blk < b1; ++blk) {
         if (!lists[blk].empty()) std::memcpy(out + offsets[blk], lists[blk].data(), lists[blk].size() * sizeof(T));
       }
