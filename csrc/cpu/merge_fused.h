@@ -35,11 +35,15 @@ constexpr int kRows = detail::kDeltaRows;  // rows per block, as delta_rows
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-// Every function here is compiled for the union of what the variants use (avx512bf16, avx512vbmi2:
-// only the Hw variant issues their instructions, through intrinsics; the compiler does not generate
-// them from plain code -- no __bf16 type is used -- so the other variants run on AVX-512 CPUs without).
-#define LORACUDA_FUSED_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi2,bmi2,popcnt"
-#define LORACUDA_FUSED_INLINE __attribute__((target(LORACUDA_FUSED_TARGET), always_inline)) inline
+// Two instruction sets: the base one (AVX-512 F/BW/VL/DQ, BMI2, POPCNT) for every variant, and the Hw
+// one (also AVX512_BF16 and AVX512_VBMI2) for the Hw variant only. The block loops are compiled once for
+// each (cpu/merge_fused_blocks.inc, included twice below), so that code which runs on a CPU without
+// AVX512_BF16 / AVX512_VBMI2 is never compiled with them enabled: the compiler may use an enabled
+// instruction anywhere, not only where an intrinsic names it.
+#define LORACUDA_FUSED_BASE_TARGET "avx512f,avx512bw,avx512vl,avx512dq,bmi2,popcnt"
+#define LORACUDA_FUSED_HW_TARGET LORACUDA_FUSED_BASE_TARGET ",avx512bf16,avx512vbmi2"
+#define LORACUDA_FUSED_INLINE __attribute__((target(LORACUDA_FUSED_BASE_TARGET), always_inline)) inline
+#define LORACUDA_FUSED_HW_INLINE __attribute__((target(LORACUDA_FUSED_HW_TARGET), always_inline)) inline
 
 // Codes from the bit patterns of the original (bw) and restored (b2) values of 16 elements, as two
 // lane masks: lo = bit 0 of each code, hi = bit 1 (code 0: bw == b2; 1: bw == b2 + 1; 2: bw + 1 == b2;
@@ -162,14 +166,14 @@ struct Lanes<c10::BFloat16> {
 template <>
 struct Lanes<c10::BFloat16, true> {
   using Raw = __m256i;
-  LORACUDA_FUSED_INLINE static __m512 widen(__m256i raw) {
+  LORACUDA_FUSED_HW_INLINE static __m512 widen(__m256i raw) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
   }
-  LORACUDA_FUSED_INLINE static __m512 load(const c10::BFloat16* p, __mmask16 m, Raw& raw) {
+  LORACUDA_FUSED_HW_INLINE static __m512 load(const c10::BFloat16* p, __mmask16 m, Raw& raw) {
     raw = _mm256_maskz_loadu_epi16(m, p);
     return widen(raw);
   }
-  LORACUDA_FUSED_INLINE static __m512 round(__m512 s, Raw& raw) {
+  LORACUDA_FUSED_HW_INLINE static __m512 round(__m512 s, Raw& raw) {
     const __m256bh h = _mm512_cvtneps_pbh(s);
     std::memcpy(&raw, &h, sizeof(raw));
     constexpr int kQuietNan = 0x01, kSubnormal = 0x20, kSignallingNan = 0x80;
@@ -180,15 +184,15 @@ struct Lanes<c10::BFloat16, true> {
     }
     return widen(raw);
   }
-  LORACUDA_FUSED_INLINE static void store(c10::BFloat16* p, __mmask16 m, Raw raw) { _mm256_mask_storeu_epi16(p, m, raw); }
-  LORACUDA_FUSED_INLINE static Raw patch(Raw raw, __mmask16 esc, const c10::BFloat16* src) {
+  LORACUDA_FUSED_HW_INLINE static void store(c10::BFloat16* p, __mmask16 m, Raw raw) { _mm256_mask_storeu_epi16(p, m, raw); }
+  LORACUDA_FUSED_HW_INLINE static Raw patch(Raw raw, __mmask16 esc, const c10::BFloat16* src) {
     return _mm256_mask_expandloadu_epi16(raw, esc, src);
   }
   using Saved = uint16_t;
-  LORACUDA_FUSED_INLINE static void save(Saved* p, Raw raw) { _mm256_store_si256(reinterpret_cast<__m256i*>(p), raw); }
+  LORACUDA_FUSED_HW_INLINE static void save(Saved* p, Raw raw) { _mm256_store_si256(reinterpret_cast<__m256i*>(p), raw); }
   static c10::BFloat16 from_saved(Saved v) { return c10::BFloat16(v, c10::BFloat16::from_bits()); }
-  LORACUDA_FUSED_INLINE static void codes(Raw bw, Raw b2, __mmask16& lo, __mmask16& hi) { codes_u16(bw, b2, lo, hi); }
-  LORACUDA_FUSED_INLINE static Raw adjust(Raw raw, __mmask16 up, __mmask16 down) {
+  LORACUDA_FUSED_HW_INLINE static void codes(Raw bw, Raw b2, __mmask16& lo, __mmask16& hi) { codes_u16(bw, b2, lo, hi); }
+  LORACUDA_FUSED_HW_INLINE static Raw adjust(Raw raw, __mmask16 up, __mmask16 down) {
     const __m256i one = _mm256_set1_epi16(1);
     return _mm256_mask_sub_epi16(_mm256_mask_add_epi16(raw, up, raw, one), down, raw, one);
   }
@@ -229,7 +233,7 @@ struct Lanes<c10::Half> {
 // fp16 on the Hw variant: the same, with the escape values expanded by vpexpandw.
 template <>
 struct Lanes<c10::Half, true> : Lanes<c10::Half> {
-  LORACUDA_FUSED_INLINE static Raw patch(Raw raw, __mmask16 esc, const c10::Half* src) {
+  LORACUDA_FUSED_HW_INLINE static Raw patch(Raw raw, __mmask16 esc, const c10::Half* src) {
     return _mm256_mask_expandloadu_epi16(raw, esc, src);
   }
 };
@@ -255,124 +259,26 @@ LORACUDA_FUSED_INLINE uint32_t get_codes(const uint8_t* p, int n) {
   return word;
 }
 
-// The element-wise part of mode M on 16 elements of one row (mask m: the first n lanes), given their
-// delta d (float32 lanes). k: the column of the first lane.
-template <typename T, MergeMode M, bool Hw>
-LORACUDA_FUSED_INLINE void epilogue(Block<T>& blk, int i, int64_t k, __mmask16 m, int n, __m512 d) {
-  using L = Lanes<T, Hw>;
-  T* p = blk.w[i] + k;
-  typename L::Raw raw0, raw1, raw2;
-  const __m512 f0 = L::load(p, m, raw0);
-  if constexpr (M == MergeMode::unmerge) {
-    L::round(_mm512_sub_ps(f0, d), raw1);
-    const uint32_t word = get_codes(blk.codes[i] + k / 4, n);
-    const uint32_t lo = _pext_u32(word, 0x55555555u), hi = _pext_u32(word, 0xAAAAAAAAu);
-    // code 1: one pattern up, code 2: one down, code 3: the saved value when given (expanded into the
-    // code-3 lanes, no branch), else left as rounded.
-    typename L::Raw out = L::adjust(raw1, static_cast<__mmask16>(lo & ~hi), static_cast<__mmask16>(hi & ~lo));
-    if (blk.patch[i] != nullptr) {
-      const __mmask16 esc = static_cast<__mmask16>(lo & hi & m);
-      out = L::patch(out, esc, blk.patch[i]);
-      blk.patch[i] += __builtin_popcount(esc);
-    }
-    L::store(p, m, out);
-  } else {
-    const __m512 w1 = L::round(_mm512_add_ps(f0, d), raw1);  // merge_'s value
-    if constexpr (M == MergeMode::merge || M == MergeMode::exact) L::store(p, m, raw1);
-    if constexpr (M == MergeMode::codes || M == MergeMode::exact) {
-      L::round(_mm512_sub_ps(w1, d), raw2);  // what the plain unmerge would give back
-      __mmask16 lo, hi;
-      L::codes(raw0, raw2, lo, hi);
-      put_codes(blk.codes[i] + k / 4, _pdep_u32(lo, 0x55555555u) | _pdep_u32(hi, 0xAAAAAAAAu), n);
-      if constexpr (M == MergeMode::exact) {
-        // The originals of code-3 lanes, in column order. Whether a vector has one is hard to predict
-        // (about 1 in 8 at 1% escapes), so the first is written without a branch: with none, slot
-        // escapes[i][count] gets lane 16's (unused) value and the count stays; a second one is rare.
-        alignas(64) typename L::Saved saved[32];
-        L::save(saved, raw0);
-        saved[16] = 0;
-        uint32_t esc = static_cast<uint32_t>(lo & hi & m);
-        T* out = blk.escapes[i];
-        int64_t& count = blk.escape_count[i];
-        out[count] = L::from_saved(saved[__builtin_ctz(esc | 0x10000u)]);
-        count += esc != 0;
-        for (esc &= esc - 1; esc != 0; esc &= esc - 1) out[count++] = L::from_saved(saved[__builtin_ctz(esc)]);
-      }
-    }
-  }
-}
-
-// Columns [k, k + 16 * NV) of the block, NV = 1 or 2 (the last vector masked by m_last, n_last lanes):
-// the delta in kRows x NV accumulators, then the epilogue of each. Lanes off the mask load a as 0 and
-// are not stored. (Two one-dimensional accumulator arrays: the compiler keeps those in registers.)
-template <typename T, MergeMode M, bool Hw, int NV>
-LORACUDA_FUSED_INLINE void columns(const float* a, int64_t K, const float* const* b, int r, __m512 vs,
-                                   Block<T>& blk, int64_t k, __mmask16 m_last, int n_last) {
-  static_assert(NV == 1 || NV == 2, "one or two vectors of columns");
-  const __mmask16 m0 = NV == 1 ? m_last : 0xFFFF;
-  __m512 acc0[kRows], acc1[kRows];
-  {
-    const __m512 a0 = _mm512_maskz_loadu_ps(m0, a + k);
-    const __m512 a1 = NV == 2 ? _mm512_maskz_loadu_ps(m_last, a + k + 16) : a0;
-    for (int i = 0; i < kRows; ++i) {
-      const __m512 bi = _mm512_set1_ps(b[i][0]);
-      acc0[i] = _mm512_mul_ps(bi, a0);
-      if constexpr (NV == 2) acc1[i] = _mm512_mul_ps(bi, a1);
-    }
-  }
-  for (int j = 1; j < r; ++j) {
-    const __m512 a0 = _mm512_maskz_loadu_ps(m0, a + j * K + k);
-    const __m512 a1 = NV == 2 ? _mm512_maskz_loadu_ps(m_last, a + j * K + k + 16) : a0;
-    for (int i = 0; i < kRows; ++i) {
-      const __m512 bi = _mm512_set1_ps(b[i][j]);
-      acc0[i] = _mm512_fmadd_ps(bi, a0, acc0[i]);
-      if constexpr (NV == 2) acc1[i] = _mm512_fmadd_ps(bi, a1, acc1[i]);
-    }
-  }
-  // The deltas (rounded float32 products, as delta_rows stores them) go through 1 KiB of stack: with
-  // all accumulators live across the epilogues the compiler would spill them inside the loop over j
-  // instead. The empty asm with a memory clobber makes the stores and loads real, which also keeps the
-  // compiler from contracting the multiply by scale with the epilogue's add into one fused multiply-add.
-  alignas(64) float delta[2 * kRows][16];
-  for (int i = 0; i < kRows; ++i) {
-    _mm512_store_ps(delta[2 * i], _mm512_mul_ps(acc0[i], vs));
-    if constexpr (NV == 2) _mm512_store_ps(delta[2 * i + 1], _mm512_mul_ps(acc1[i], vs));
-  }
-  asm volatile("" : : "r"(delta) : "memory");
-  for (int i = 0; i < kRows; ++i) {
-    epilogue<T, M, Hw>(blk, i, k, m0, NV == 1 ? n_last : 16, _mm512_load_ps(delta[2 * i]));
-    if constexpr (NV == 2) epilogue<T, M, Hw>(blk, i, k + 16, m_last, n_last, _mm512_load_ps(delta[2 * i + 1]));
-  }
-}
-
-// One block of kRows whole rows of K columns: a [r, K] and b (row i's r factors at b[i]) in float32.
-template <typename T, MergeMode M, bool Hw>
-__attribute__((target(LORACUDA_FUSED_TARGET))) void block_avx512(const float* a, int64_t K, const float* const* b,
-                                                                 int r, float scale, Block<T>& block) {
-  // A local copy: no store through a weight or code pointer can alias it, so its pointers and counts
-  // stay in registers instead of being reloaded after every store.
-  Block<T> blk = block;
-  const __m512 vs = _mm512_set1_ps(scale);
-  int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    // The weight lines of the chunk after next, so that the 8 row streams are in L1 when the epilogue
-    // needs them (each chunk's arithmetic takes longer than fetching them).
-    for (int i = 0; i < kRows; ++i) {
-      for (size_t byte = 0; byte < 32 * sizeof(T); byte += 64) {
-        _mm_prefetch(reinterpret_cast<const char*>(blk.w[i] + k + 64) + byte, _MM_HINT_T0);
-      }
-    }
-    columns<T, M, Hw, 2>(a, K, b, r, vs, blk, k, 0xFFFF, 16);
-  }
-  for (; k < K; k += 16) {
-    const int n = static_cast<int>(std::min<int64_t>(16, K - k));
-    columns<T, M, Hw, 1>(a, K, b, r, vs, blk, k, static_cast<__mmask16>((1u << n) - 1), n);
-  }
-  block = blk;
-}
+// The block loops, once per instruction set: base_isa for every variant, hw_isa for the Hw one.
+#define LORACUDA_FUSED_BLOCK_TARGET LORACUDA_FUSED_BASE_TARGET
+#define LORACUDA_FUSED_BLOCK_INLINE LORACUDA_FUSED_INLINE
+namespace base_isa {
+#include "cpu/merge_fused_blocks.inc"
+}  // namespace base_isa
+#undef LORACUDA_FUSED_BLOCK_TARGET
+#undef LORACUDA_FUSED_BLOCK_INLINE
+#define LORACUDA_FUSED_BLOCK_TARGET LORACUDA_FUSED_HW_TARGET
+#define LORACUDA_FUSED_BLOCK_INLINE LORACUDA_FUSED_HW_INLINE
+namespace hw_isa {
+#include "cpu/merge_fused_blocks.inc"
+}  // namespace hw_isa
+#undef LORACUDA_FUSED_BLOCK_TARGET
+#undef LORACUDA_FUSED_BLOCK_INLINE
 
 #undef LORACUDA_FUSED_INLINE
-#undef LORACUDA_FUSED_TARGET
+#undef LORACUDA_FUSED_HW_INLINE
+#undef LORACUDA_FUSED_BASE_TARGET
+#undef LORACUDA_FUSED_HW_TARGET
 #pragma GCC diagnostic pop
 
 // The CPU features of this path beyond detail::isa()'s AVX-512 F/BW/VL: BMI2, POPCNT and AVX-512DQ always,
@@ -408,11 +314,20 @@ inline bool usable(int64_t cols) {
 template <typename T, bool Hw>
 inline void block_mode(MergeMode mode, const float* a, int64_t K, const float* const* b, int r, float scale,
                        Block<T>& blk) {
-  switch (mode) {
-    case MergeMode::merge: return block_avx512<T, MergeMode::merge, Hw>(a, K, b, r, scale, blk);
-    case MergeMode::codes: return block_avx512<T, MergeMode::codes, Hw>(a, K, b, r, scale, blk);
-    case MergeMode::unmerge: return block_avx512<T, MergeMode::unmerge, Hw>(a, K, b, r, scale, blk);
-    case MergeMode::exact: return block_avx512<T, MergeMode::exact, Hw>(a, K, b, r, scale, blk);
+  if constexpr (Hw) {
+    switch (mode) {
+      case MergeMode::merge: return hw_isa::block_avx512<T, MergeMode::merge, true>(a, K, b, r, scale, blk);
+      case MergeMode::codes: return hw_isa::block_avx512<T, MergeMode::codes, true>(a, K, b, r, scale, blk);
+      case MergeMode::unmerge: return hw_isa::block_avx512<T, MergeMode::unmerge, true>(a, K, b, r, scale, blk);
+      case MergeMode::exact: return hw_isa::block_avx512<T, MergeMode::exact, true>(a, K, b, r, scale, blk);
+    }
+  } else {
+    switch (mode) {
+      case MergeMode::merge: return base_isa::block_avx512<T, MergeMode::merge, false>(a, K, b, r, scale, blk);
+      case MergeMode::codes: return base_isa::block_avx512<T, MergeMode::codes, false>(a, K, b, r, scale, blk);
+      case MergeMode::unmerge: return base_isa::block_avx512<T, MergeMode::unmerge, false>(a, K, b, r, scale, blk);
+      case MergeMode::exact: return base_isa::block_avx512<T, MergeMode::exact, false>(a, K, b, r, scale, blk);
+    }
   }
 }
 
