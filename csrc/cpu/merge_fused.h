@@ -160,12 +160,27 @@ struct Lanes<c10::BFloat16> {
   }
 };
 
+// What a variant that holds 16-bit values as their bit patterns in 16-bit lanes does the same way for
+// bf16 and fp16: store, save and recover the originals, the restore codes, the one-unit adjustment.
+template <typename T>
+struct Lanes16 {
+  using Raw = __m256i;
+  using Saved = uint16_t;
+  LORACUDA_FUSED_INLINE static void store(T* p, __mmask16 m, Raw raw) { _mm256_mask_storeu_epi16(p, m, raw); }
+  LORACUDA_FUSED_INLINE static void save(Saved* p, Raw raw) { _mm256_store_si256(reinterpret_cast<__m256i*>(p), raw); }
+  static T from_saved(Saved v) { return T(v, T::from_bits()); }
+  LORACUDA_FUSED_INLINE static void codes(Raw bw, Raw b2, __mmask16& lo, __mmask16& hi) { codes_u16(bw, b2, lo, hi); }
+  LORACUDA_FUSED_INLINE static Raw adjust(Raw raw, __mmask16 up, __mmask16 down) {
+    const __m256i one = _mm256_set1_epi16(1);
+    return _mm256_mask_sub_epi16(_mm256_mask_add_epi16(raw, up, raw, one), down, raw, one);
+  }
+};
+
 // bf16 as 16 bit patterns in 16-bit lanes, rounded by vcvtneps2bf16: round to nearest even like c10,
 // except that it flushes subnormal inputs to zero and keeps NaN payloads; a vector with a NaN or a
 // subnormal lane (rare: a branch) is rounded by the bits instead (Lanes<c10::BFloat16>::round).
 template <>
-struct Lanes<c10::BFloat16, true> {
-  using Raw = __m256i;
+struct Lanes<c10::BFloat16, true> : Lanes16<c10::BFloat16> {
   LORACUDA_FUSED_HW_INLINE static __m512 widen(__m256i raw) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
   }
@@ -184,17 +199,8 @@ struct Lanes<c10::BFloat16, true> {
     }
     return widen(raw);
   }
-  LORACUDA_FUSED_HW_INLINE static void store(c10::BFloat16* p, __mmask16 m, Raw raw) { _mm256_mask_storeu_epi16(p, m, raw); }
   LORACUDA_FUSED_HW_INLINE static Raw patch(Raw raw, __mmask16 esc, const c10::BFloat16* src) {
     return _mm256_mask_expandloadu_epi16(raw, esc, src);
-  }
-  using Saved = uint16_t;
-  LORACUDA_FUSED_HW_INLINE static void save(Saved* p, Raw raw) { _mm256_store_si256(reinterpret_cast<__m256i*>(p), raw); }
-  static c10::BFloat16 from_saved(Saved v) { return c10::BFloat16(v, c10::BFloat16::from_bits()); }
-  LORACUDA_FUSED_HW_INLINE static void codes(Raw bw, Raw b2, __mmask16& lo, __mmask16& hi) { codes_u16(bw, b2, lo, hi); }
-  LORACUDA_FUSED_HW_INLINE static Raw adjust(Raw raw, __mmask16 up, __mmask16 down) {
-    const __m256i one = _mm256_set1_epi16(1);
-    return _mm256_mask_sub_epi16(_mm256_mask_add_epi16(raw, up, raw, one), down, raw, one);
   }
 };
 
@@ -202,8 +208,7 @@ struct Lanes<c10::BFloat16, true> {
 // like c10's fp16_ieee_from_fp32_value for every non-NaN input (subnormal results included); NaN lanes
 // (rare: a branch) get c10's sign | 0x7E00 instead of the instruction's payload-keeping NaN.
 template <>
-struct Lanes<c10::Half> {
-  using Raw = __m256i;
+struct Lanes<c10::Half> : Lanes16<c10::Half> {
   LORACUDA_FUSED_INLINE static __m512 load(const c10::Half* p, __mmask16 m, Raw& raw) {
     raw = _mm256_maskz_loadu_epi16(m, p);
     return _mm512_cvtph_ps(raw);
@@ -218,16 +223,7 @@ struct Lanes<c10::Half> {
     }
     return _mm512_cvtph_ps(raw);
   }
-  LORACUDA_FUSED_INLINE static void store(c10::Half* p, __mmask16 m, Raw raw) { _mm256_mask_storeu_epi16(p, m, raw); }
   LORACUDA_FUSED_INLINE static Raw patch(Raw raw, __mmask16 esc, const c10::Half* src) { return patch_u16(raw, esc, src); }
-  using Saved = uint16_t;
-  LORACUDA_FUSED_INLINE static void save(Saved* p, Raw raw) { _mm256_store_si256(reinterpret_cast<__m256i*>(p), raw); }
-  static c10::Half from_saved(Saved v) { return c10::Half(v, c10::Half::from_bits()); }
-  LORACUDA_FUSED_INLINE static void codes(Raw bw, Raw b2, __mmask16& lo, __mmask16& hi) { codes_u16(bw, b2, lo, hi); }
-  LORACUDA_FUSED_INLINE static Raw adjust(Raw raw, __mmask16 up, __mmask16 down) {
-    const __m256i one = _mm256_set1_epi16(1);
-    return _mm256_mask_sub_epi16(_mm256_mask_add_epi16(raw, up, raw, one), down, raw, one);
-  }
 };
 
 // fp16 on the Hw variant: the same, with the escape values expanded by vpexpandw.

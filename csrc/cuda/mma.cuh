@@ -122,5 +122,21 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[
 #endif
 }
 
+// Calls fn(row, col, value) for each of the lane's elements of kMT x kNT accumulator tiles (C layout
+// above: tile (i, j) covers rows 16 i .. 16 i + 15 and columns 8 j .. 8 j + 7), row and col relative to
+// the first tile: element e of tile (i, j) is row 16 i + g (+ 8 for e >= 2), column 8 j + 2t + (e & 1).
+template <int kMT, int kNT, typename Fn>
+__device__ __forceinline__ void for_each_c_element(const float (&acc)[kMT][kNT][4], int lane, Fn&& fn) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int i = 0; i < kMT; ++i) {
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) fn(16 * i + g + (e >= 2 ? 8 : 0), 8 * j + 2 * t + (e & 1), acc[i][j][e]);
+    }
+  }
+}
+
 }  // namespace cuda
 }  // namespace loracuda

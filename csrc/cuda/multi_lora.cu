@@ -329,21 +329,11 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks)
                                                  no_dropout, lane);
   }
 
-  // C fragment element e of (i, j): token m0 + 16 i + g (+ 8 for e >= 2), row j0 + 8 j + 2t + (e & 1);
-  // rows beyond the adapter's rank are written as exactly 0.
-  const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-  for (int i = 0; i < kMmaRowTiles; ++i) {
-#pragma unroll
-    for (int j = 0; j < kNT; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t m = m0 + 16 * i + g + (e >= 2 ? 8 : 0);
-        const int r = 8 * j + 2 * t + (e & 1);
-        if (m < M && j0 + r < R) dst[m * R + j0 + r] = (used >> r) & 1u ? acc[i][j][e] : 0.0f;
-      }
-    }
-  }
+  // Token m0 + row, row j0 + col of a; rows beyond the adapter's rank are written as exactly 0.
+  for_each_c_element(acc, lane, [&](int row, int col, float v) {
+    const int64_t m = m0 + row;
+    if (m < M && j0 + col < R) dst[m * R + j0 + col] = (used >> col) & 1u ? v : 0.0f;
+  });
 }
 
 // h[i] = sum over splits s = 0, 1, ... of partial[s * count + i], in that order.

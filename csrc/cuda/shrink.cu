@@ -265,23 +265,14 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks) shrink_mma_kernel(
   shrink_warp_mma<T, kMmaRowTiles, kNT, kDropout>(acc, x, p.x_row_stride, m0, M, a_rows, row_ok, K, k_begin, k_end,
                                                   x_vec, a_vec, drop, lane);
 
-  // C fragment element e of (i, j): token m0 + 16 i + g (+ 8 for e >= 2), row j0 + 8 j + 2t + (e & 1).
+  // Token m0 + row, row j0 + col of a.
   const float keep = kDropout ? drop.keep_scale : 1.0f;
   float* __restrict__ dst = final_output ? out : out + static_cast<int64_t>(blockIdx.z) * M * R;
-  const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-  for (int i = 0; i < kMmaRowTiles; ++i) {
-#pragma unroll
-    for (int j = 0; j < kNT; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t m = m0 + 16 * i + g + (e >= 2 ? 8 : 0);
-        const int64_t jj = j0 + 8 * j + 2 * t + (e & 1);
-        const float v = keep * acc[i][j][e];
-        if (m < M && jj < R) dst[m * R + jj] = final_output ? p.alpha * v : v;
-      }
-    }
-  }
+  for_each_c_element(acc, lane, [&](int row, int col, float sum) {
+    const int64_t m = m0 + row, jj = j0 + col;
+    const float v = keep * sum;
+    if (m < M && jj < R) dst[m * R + jj] = final_output ? p.alpha * v : v;
+  });
 }
 
 // h[i] = alpha * sum over splits s = 0, 1, ... of partial[s][i], in that order.
