@@ -145,6 +145,17 @@ def _generator(case, salt: str) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(f"{case}/{salt}".encode()))
 
 
+def _segments(m: int, adapters: int, shortest: int, longest: int, g: torch.Generator) -> torch.Tensor:
+    """Ids [m] in consecutive runs of one id each (-1 or an adapter), run lengths in [shortest, longest)."""
+    ids = torch.empty(m, dtype=torch.int64)
+    pos = 0
+    while pos < m:
+        length = int(torch.randint(shortest, longest, (1,), generator=g))
+        ids[pos : pos + length] = int(torch.randint(-1, adapters, (1,), generator=g))
+        pos += length
+    return ids
+
+
 def adapter_ids(case) -> torch.Tensor:
     """int32 [M] in [-1, L) by the case's pattern: "none" all -1; "random" uniform with about a quarter
     -1; "segments" runs of one id (prefill: one sequence, one adapter), some of them -1; "runs" the
@@ -158,19 +169,9 @@ def adapter_ids(case) -> torch.Tensor:
         ids = torch.randint(0, adapters, (m,), generator=g)
         ids[torch.rand(m, generator=g) < 0.25] = -1
     elif case.ids == "segments":
-        ids = torch.empty(m, dtype=torch.int64)
-        pos = 0
-        while pos < m:
-            length = int(torch.randint(1, max(2, m // 3), (1,), generator=g))
-            ids[pos : pos + length] = int(torch.randint(-1, adapters, (1,), generator=g))
-            pos += length
+        ids = _segments(m, adapters, 1, max(2, m // 3), g)
     elif case.ids == "runs":  # segments of 40 tokens or more: most 32-token tiles share one adapter
-        ids = torch.empty(m, dtype=torch.int64)
-        pos = 0
-        while pos < m:
-            length = int(torch.randint(40, max(41, m // 2), (1,), generator=g))
-            ids[pos : pos + length] = int(torch.randint(-1, adapters, (1,), generator=g))
-            pos += length
+        ids = _segments(m, adapters, 40, max(41, m // 2), g)
     elif case.ids == "distinct":
         ids = torch.randperm(adapters, generator=g).repeat(m // adapters + 1)[:m]
         if adapters == 1:  # one adapter cannot alternate: alternate it with "no adapter"

@@ -29,6 +29,19 @@ namespace fused {
 
 constexpr int kRows = detail::kDeltaRows;  // rows per block, as delta_rows
 
+// The rows of one block: weight rows, their code bytes (element k of row i: byte k / 4 of codes[i],
+// bits 2 * (k % 4)), and for merge_exact_ each row's escapes in column order: escapes[i][0 ..
+// escape_count[i]), room for a row's elements + 1 (the slot after the last escape is written too); for
+// unmerge_exact_ with escape values, where each row's values start.
+template <typename T>
+struct Block {
+  T* w[kRows];
+  uint8_t* codes[kRows];
+  T* escapes[kRows];
+  int64_t escape_count[kRows];
+  const T* patch[kRows];  // unmerge_exact_ with values: row i's next escape value (16 readable); or null
+};
+
 #ifdef LORACUDA_X86_DISPATCH
 
 // GCC 12 warns, wrongly, that the undefined source operand inside its AVX-512 intrinsics may be used.
@@ -234,18 +247,6 @@ struct Lanes<c10::Half, true> : Lanes<c10::Half> {
   }
 };
 
-// The rows of one block: weight rows, their code bytes (element k of row i: byte k / 4 of codes[i],
-// bits 2 * (k % 4)), and for merge_exact_ each row's escapes in column order: escapes[i][0 ..
-// escape_count[i]), room for a row's elements + 1 (the slot after the last escape is written too); for
-// unmerge_exact_ with escape values, where each row's values start.
-template <typename T>
-struct Block {
-  T* w[kRows];
-  uint8_t* codes[kRows];
-  T* escapes[kRows];
-  int64_t escape_count[kRows];
-  const T* patch[kRows];  // unmerge_exact_ with values: row i's next escape value (16 readable); or null
-};
 
 // The codes of n <= 16 elements (n a multiple of 4) as a 32-bit word, to and from the row's bytes.
 LORACUDA_FUSED_INLINE void put_codes(uint8_t* p, uint32_t word, int n) { std::memcpy(p, &word, n / 4); }
@@ -337,15 +338,6 @@ inline void block(MergeMode mode, const float* a, int64_t K, const float* const*
 }
 
 #else  // no x86 dispatch: never usable
-
-template <typename T>
-struct Block {
-  T* w[kRows];
-  uint8_t* codes[kRows];
-  T* escapes[kRows];
-  int64_t escape_count[kRows];
-  const T* patch[kRows];  // unmerge_exact_ with values: row i's next escape value (16 readable); or null
-};
 
 template <typename T>
 inline bool usable(int64_t) {
