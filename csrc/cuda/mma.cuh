@@ -122,6 +122,22 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[
 #endif
 }
 
+// The work item of the calling warp in a tensor-core shrink kernel: warp w of block b owns item
+// b * (blockDim.x / 32) + w = row tile * rank tiles + rank tile (the rank tile fastest, so that the
+// warps reading the same rows of x run side by side), i.e. tokens m0 .. m0 + kWarpRows - 1 and rows
+// j0 .. j0 + kRankRows - 1 of a. False when the item lies past the last tile (the whole warp leaves).
+template <int kWarpRows, int kRankRows>
+__device__ __forceinline__ bool mma_warp_item(int64_t M, int64_t R, int64_t& m0, int64_t& j0) {
+  const int64_t rank_tiles = (R + kRankRows - 1) / kRankRows;
+  const int64_t row_tiles = (M + kWarpRows - 1) / kWarpRows;
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5);
+  if (item >= row_tiles * rank_tiles) return false;
+  const int64_t row_tile = item / rank_tiles;
+  m0 = row_tile * kWarpRows;
+  j0 = (item - row_tile * rank_tiles) * kRankRows;
+  return true;
+}
+
 // Calls fn(row, col, value) for each of the lane's elements of kMT x kNT accumulator tiles (C layout
 // above: tile (i, j) covers rows 16 i .. 16 i + 15 and columns 8 j .. 8 j + 7), row and col relative to
 // the first tile: element e of tile (i, j) is row 16 i + g (+ 8 for e >= 2), column 8 j + 2t + (e & 1).

@@ -279,13 +279,8 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks)
                                     float* __restrict__ out) {
   const int lane = threadIdx.x & 31;
   const int64_t M = p.m, K = p.k, R = p.rank;
-  const int64_t rank_tiles = (R + 8 * kNT - 1) / (8 * kNT);
-  const int64_t row_tiles = (M + kMmaWarpRows - 1) / kMmaWarpRows;
-  const int64_t item = static_cast<int64_t>(blockIdx.x) * kMmaWarps + (threadIdx.x >> 5);
-  if (item >= row_tiles * rank_tiles) return;  // a whole warp leaves; no barrier follows
-  const int64_t row_tile = item / rank_tiles;
-  const int64_t m0 = row_tile * kMmaWarpRows;
-  const int64_t j0 = (item - row_tile * rank_tiles) * (8 * kNT);
+  int64_t m0, j0;
+  if (!mma_warp_item<kMmaWarpRows, 8 * kNT>(M, R, m0, j0)) return;  // a whole warp leaves; no barrier follows
   const int64_t num_chunks = (K + kKChunk - 1) / kKChunk;
   const int64_t c_begin = static_cast<int64_t>(blockIdx.z) * chunks_per_split;
   const int64_t c_end = c_begin + chunks_per_split < num_chunks ? c_begin + chunks_per_split : num_chunks;
