@@ -19,7 +19,22 @@ from .functional import autocast_inputs, lora_linear
 _FACTOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-class LoRALinear(nn.Module):
+class BaseLayerView:
+    """The wrapped layer's ``weight`` and ``bias`` as the wrapper's own, for code that reads them off a
+    linear layer (a wrapper holds the frozen layer as ``base_layer``)."""
+
+    base_layer: nn.Module
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        return self.base_layer.bias
+
+
+class LoRALinear(BaseLayerView, nn.Module):
     """base_layer: the wrapped nn.Linear or Conv1D (its parameters are not copied).
 
     Attributes: in_features K, out_features N, fan_in_fan_out (True for Conv1D), r / scaling / dropout_p
@@ -41,14 +56,6 @@ class LoRALinear(nn.Module):
         self.merged: dict[str, object] = {}
 
     # ---- adapters -------------------------------------------------------------------------------
-
-    @property
-    def weight(self) -> Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Optional[Tensor]:
-        return self.base_layer.bias
 
     @property
     def adapters(self) -> list[str]:

@@ -49,6 +49,11 @@ struct Item {
 struct Grouping {
   std::vector<int64_t> tokens;  // token indices of the gathered items, adapter by adapter, ascending
   std::vector<Item> items;      // adapter by adapter (items of one adapter are consecutive)
+
+  // The token index of the i-th token (i < count) of an item.
+  int64_t token(const Item& item, int64_t i) const {
+    return item.contiguous ? item.first + i : tokens[static_cast<size_t>(item.first + i)];
+  }
 };
 
 // Splits the tokens with id >= 0 and a non-zero rank into items: gathered ones of at most max_rows
@@ -359,7 +364,7 @@ Tensor multi_shrink(const Tensor& x, const Tensor& lora_a_all, const Tensor& ran
       for (int64_t it = i0; it < i1; ++it) {
         const Item& item = g.items[it];
         const int64_t rank = rp[item.adapter], cnt = item.count;
-        auto token = [&](int64_t i) { return item.contiguous ? item.first + i : g.tokens[item.first + i]; };
+        auto token = [&](int64_t i) { return g.token(item, i); };
         const bool in_place = item.contiguous && wide && cnt > kSmallRows;
         if (!in_place) {  // the item's rows of x, in the accumulation dtype
           xbuf.resize(static_cast<size_t>(bm * k));
@@ -461,7 +466,7 @@ void multi_expand_add_(Tensor& y, const Tensor& h, const Tensor& lora_b_all, con
         const Item& item = g.items[it];
         const int64_t rank = rp[item.adapter], cnt = item.count;
         const float scale = sp[item.adapter];
-        auto token = [&](int64_t i) { return item.contiguous ? item.first + i : g.tokens[item.first + i]; };
+        auto token = [&](int64_t i) { return g.token(item, i); };
         const bool small = cnt <= kSmallRows;
         // The item's rows of h: a view for a contiguous GEMM item, else gathered (unit stride).
         Tensor hin;

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..config import linear_layout
+from ..layers import BaseLayerView
 
 
 class BatchState:
@@ -60,7 +61,7 @@ def token_ids(ids: Tensor, lead: torch.Size) -> Tensor:
     return ids.reshape(-1)
 
 
-class PooledLinear(nn.Module):
+class PooledLinear(BaseLayerView, nn.Module):
     """base_layer: the wrapped nn.Linear or Conv1D (its parameters are not copied); max_adapters L and
     max_rank R size the buffers; state: the pool's BatchState.
 
@@ -79,14 +80,6 @@ class PooledLinear(nn.Module):
         self.register_buffer("ranks", torch.zeros(max_adapters, dtype=torch.int32, device=dev), persistent=False)
         # A plain attribute, not a submodule: every layer of the pool shares this one object.
         self._state = state
-
-    @property
-    def weight(self) -> Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Optional[Tensor]:
-        return self.base_layer.bias
 
     # ---- slots (called by AdapterPool, after it has checked everything) --------------------------
 
