@@ -164,7 +164,36 @@ WIDE_RANK_BACKWARD_CASES = [
 ]
 
 
-@pytest.mark.parametrize("device_name, case", device_cases(BACKWARD_CASES + WIDE_RANK_BACKWARD_CASES))
+# The tiling edges of the CUDA backward's two passes (csrc/cuda/backward.cu): tiles of 256 columns,
+# groups of 32 rows, warps owning tiles of 8 ranks (up to 8 tiles, 64 ranks, per block; fewer tiles
+# split the rows by phase), further 64-rank groups along grid.z. Between them: r in {16, 24, 40, 72}
+# (2, 3, 5 and 9 tiles: 4, 2, 1 phases, idle warps, r > 64 in the grad_y pass) and R up to 128 (two
+# rank groups in the x pass); N, K up to 1030 (several column tiles, the last partial) with slice
+# boundaries inside a tile and inside a lane's 8 columns, a tile meeting 4 slices, S = 8; M in {33,
+# 77, 300, 1000} (not multiples of 32); grad_x given and None; dropout; an integer-valued float32
+# case that must come out exact. They run on the CPU as well.
+CUDA_TILING_BACKWARD_CASES = [
+    Case(1000, 600, 600, 24, BF16, F32, (0, 100, 300, 600), 0.1, "padded", scale=-0.45),
+    Case(77, 600, 600, 72, F32, F32, (), 0.0, "contiguous", scale=1.7, grad_x=False),
+    Case(300, 520, 1030, 16, F16, F16, (0, 3, 8, 13, 250, 270, 700, 1000, 1030), 0.1, "contiguous", scale=1.7),
+    Case(33, 13, 67, 40, BF16, BF16, (), 0.1, "transposed", scale=-0.45, grad_x=False),
+    Case(300, 600, 600, 24, F32, F32, (0, 100, 300, 600), 0.5, "padded", "integers", 0.5),
+]
+
+
+def test_cuda_tiling_backward_cases_cover_the_edges():
+    cases = CUDA_TILING_BACKWARD_CASES
+    assert {16, 24, 40, 72} <= {c.r for c in cases} and max(c.rank_total for c in cases) > 64
+    assert any(c.m % 32 for c in cases) and any(c.n > 512 and c.k > 512 for c in cases)
+    assert any(c.slices == 8 for c in cases)
+    # a slice boundary inside a 256-column tile, not on a multiple of 8
+    assert any(any(off % 256 and off % 8 for off in c.offsets[1:-1]) for c in cases)
+    assert {c.grad_x for c in cases} == {True, False} and any(c.p > 0 for c in cases)
+    assert any(c.exact for c in cases)
+
+
+@pytest.mark.parametrize("device_name, case",
+                         device_cases(BACKWARD_CASES + WIDE_RANK_BACKWARD_CASES + CUDA_TILING_BACKWARD_CASES))
 def test_backward(device_name, case):
     device = use_device(device_name, "backward")
     s = backward_sample(case, device)
@@ -279,9 +308,11 @@ def test_inputs_that_require_grad(op, device_name, case, grad_enabled):
 
 
 @pytest.mark.parametrize("device_name, case", device_cases(
-    [c for c in BACKWARD_CASES if c.m == 1000 and c.values == "random" and c.dtype != torch.float64][:3]))
+    [c for c in BACKWARD_CASES if c.m == 1000 and c.values == "random" and c.dtype != torch.float64][:3]
+    + [c for c in CUDA_TILING_BACKWARD_CASES if c.m >= 300 and c.values == "random"]))
 def test_backward_repeats_bit_for_bit(device_name, case):
-    """The reductions over M (grad_a, grad_b) are deterministic: two runs give identical bits."""
+    """The reductions over M (grad_a, grad_b) and, on CUDA, over g's column tiles are deterministic: two
+    runs give identical bits (the tiling cases: several column tiles, row chunks and rank groups)."""
     device = use_device(device_name, "backward")
     first, second = backward_sample(case, device), backward_sample(case, device)
     out_1, out_2 = first.run(), second.run()
