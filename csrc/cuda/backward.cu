@@ -38,7 +38,11 @@
 // Reductions over M: each block writes its chunk's sums, a second kernel adds the chunks in
 // ascending order and writes the adapter dtype. No float atomics: runs repeat bit for bit.
 //
-// Compiled for sm_80 / sm_90 without spills; not run on a GPU yet.
+// One resident block per SM (the 64 accumulators and, in the grad_y pass, 64 b values per thread do
+// not fit a 128-register cap: ptxas spilled), so a block overlaps its own loads with its work: the
+// next group's loads are issued into registers before the current group is computed.
+// Compiled for sm_80 / sm_90 without spills (ptxas takes 220-250 registers under the 255 cap and still
+// fits every kernel in 184 without a spill); not run on a GPU yet.
 #include "common.cuh"
 
 namespace loracuda {
@@ -72,6 +76,66 @@ __device__ __forceinline__ int stage_slot(int row, int cc, int lane) { return ro
 // The number of the 8 columns c0 .. c0+7 that exist (0 .. 8) in a row of C columns.
 __device__ __forceinline__ int columns_in_row(int64_t c0, int64_t C) {
   return C - c0 >= 8 ? 8 : (C - c0 > 0 ? static_cast<int>(C - c0) : 0);
+}
+
+// ---- the loads of a group --------------------------------------------------------------------------
+
+// The 8 elements a thread loads from one row of a group, as loaded: raw bits for 16-bit values (one
+// uint4), two float4 for float32. The next group's loads are issued before the current group is
+// computed and converted only when it is staged, so their latency hides behind that work.
+template <typename T>
+struct Row8 {
+  uint4 bits;
+};
+template <>
+struct Row8<float> {
+  float4 lo, hi;
+};
+
+// Elements p[0 .. count-1] (count 0 .. 8; the rest zero, nothing past p + count read); one 16-byte
+// load per 8 bytes x 2 when `vec` (p 16-byte aligned and count == 8).
+template <typename T>
+__device__ __forceinline__ Row8<T> load_row8(const T* p, bool vec, int count) {
+  Row8<T> row;
+  row.bits = load8_bits(p, vec, count);
+  return row;
+}
+template <>
+__device__ __forceinline__ Row8<float> load_row8<float>(const float* p, bool vec, int count) {
+  float v[8];
+  load8(p, vec, count, v);
+  Row8<float> row;
+  row.lo = make_float4(v[0], v[1], v[2], v[3]);
+  row.hi = make_float4(v[4], v[5], v[6], v[7]);
+  return row;
+}
+
+// The 8 loaded elements as float32 (element c of 16-bit values: half c & 1 of word c / 2).
+template <typename T>
+__device__ __forceinline__ void row8_floats(const Row8<T>& row, float (&v)[8]) {
+  const uint32_t w[4] = {row.bits.x, row.bits.y, row.bits.z, row.bits.w};
+#pragma unroll
+  for (int c = 0; c < 8; ++c) v[c] = to_float(from_bits<T>((w[c >> 1] >> (16 * (c & 1))) & 0xFFFFu));
+}
+template <>
+__device__ __forceinline__ void row8_floats<float>(const Row8<float>& row, float (&v)[8]) {
+  v[0] = row.lo.x; v[1] = row.lo.y; v[2] = row.lo.z; v[3] = row.lo.w;
+  v[4] = row.hi.x; v[5] = row.hi.y; v[6] = row.hi.z; v[7] = row.hi.w;
+}
+
+// Issues the thread's loads of the group at row g0: rows g0 + 4 * warp + i (i < 4) before m_end, its
+// columns c0 .. c0 + count - 1 of a [., C] operand with `row_stride` elements between rows. Rows and
+// columns outside are zeros and are not read.
+template <typename T>
+__device__ __forceinline__ void load_group(Row8<T> (&rows8)[kLoadRows], const T* __restrict__ base,
+                                           int64_t row_stride, int64_t g0, int64_t m_end, int warp, int64_t c0,
+                                           int count, bool vec) {
+#pragma unroll
+  for (int i = 0; i < kLoadRows; ++i) {
+    const int64_t m = g0 + warp * kLoadRows + i;
+    const bool in = m < m_end && count > 0;
+    rows8[i] = load_row8(base + (in ? m : g0) * row_stride + c0, vec && in && count == 8, in ? count : 0);
+  }
 }
 
 // The slice that holds column c (offsets off[0 .. S], strictly increasing, off[0] = 0): the number of
@@ -257,23 +321,22 @@ __global__ void __launch_bounds__(kThreads, 1) grad_y_pass_kernel(const GradYPas
     for (int jj = 0; jj < kRankTile; ++jj) acc[cc][jj] = 0.0f;
   }
 
+  Row8<TV> loaded[kLoadRows];
+  load_group(loaded, dy, q.grad_y_row_stride, m_begin, m_end, warp, c0, count, dy_vec);
   for (int64_t g0 = m_begin; g0 < m_end; g0 += kGroupRows) {
     const int rows = m_end - g0 < kGroupRows ? static_cast<int>(m_end - g0) : kGroupRows;
     __syncthreads();  // the previous group is no longer read
 #pragma unroll
     for (int i = 0; i < kLoadRows; ++i) {
-      const int row = warp * kLoadRows + i;
       float v[8];
-      if (row < rows && count > 0) {
-        load8(dy + (g0 + row) * q.grad_y_row_stride + c0, dy_vec && count == 8, count, v);
-      } else {
+      row8_floats(loaded[i], v);
 #pragma unroll
-        for (int cc = 0; cc < 8; ++cc) v[cc] = 0.0f;
-      }
-#pragma unroll
-      for (int cc = 0; cc < 8; ++cc) stage[stage_slot(row, cc, lane)] = v[cc];
+      for (int cc = 0; cc < 8; ++cc) stage[stage_slot(warp * kLoadRows + i, cc, lane)] = v[cc];
     }
     __syncthreads();
+    if (g0 + kGroupRows < m_end) {  // the next group's loads, in flight while this one is computed
+      load_group(loaded, dy, q.grad_y_row_stride, g0 + kGroupRows, m_end, warp, c0, count, dy_vec);
+    }
     if (!t.active) continue;
 
     for (int i = t.phase; i < rows; i += t.phases) {
@@ -395,7 +458,9 @@ __device__ __forceinline__ void grad_x_term(float (&lora)[kLoadRows][8], const X
   }
   for (int64_t j0 = 0; j0 < R; j0 += kXRankChunk) {
     __syncthreads();  // the previous chunk (or the staged x) is no longer read
-    // a[j0 + jj, tile0 + kl]: consecutive threads follow a's unit stride along k.
+    // a[j0 + jj, tile0 + kl]: consecutive threads follow a's unit stride along k. Unrolled by 2, not
+    // fully (16 trips): 16 loads in flight took about 50 registers more than the FMA loop needs.
+#pragma unroll 2
     for (int e = threadIdx.x; e < kXRankChunk * kTileCols; e += kThreads) {
       const int jj = e / kTileCols, kl = e % kTileCols;
       const int64_t j = j0 + jj, k = tile0 + kl;
@@ -436,6 +501,8 @@ __global__ void __launch_bounds__(kThreads, 1) x_pass_kernel(const XPass q, bool
     for (int jj = 0; jj < kRankTile; ++jj) acc[cc][jj] = 0.0f;
   }
 
+  Row8<TV> loaded[kLoadRows];
+  load_group(loaded, x, q.x_row_stride, m_begin, m_end, warp, c0, count, x_vec);
   for (int64_t g0 = m_begin; g0 < m_end; g0 += kGroupRows) {
     const int rows = m_end - g0 < kGroupRows ? static_cast<int>(m_end - g0) : kGroupRows;
     __syncthreads();  // the previous group is no longer read
@@ -446,12 +513,7 @@ __global__ void __launch_bounds__(kThreads, 1) x_pass_kernel(const XPass q, bool
       const int row = warp * kLoadRows + i;
       const int64_t m = g0 + row;
       float v[8];
-      if (row < rows && count > 0) {
-        load8(x + m * q.x_row_stride + c0, x_vec && count == 8, count, v);
-      } else {
-#pragma unroll
-        for (int cc = 0; cc < 8; ++cc) v[cc] = 0.0f;
-      }
+      row8_floats(loaded[i], v);
 #pragma unroll
       for (int cc = 0; cc < 8; ++cc) {
         const bool keep =
@@ -462,6 +524,9 @@ __global__ void __launch_bounds__(kThreads, 1) x_pass_kernel(const XPass q, bool
       }
     }
     __syncthreads();
+    if (g0 + kGroupRows < m_end) {  // the next group's loads, in flight while this one is computed
+      load_group(loaded, x, q.x_row_stride, g0 + kGroupRows, m_end, warp, c0, count, x_vec);
+    }
 
     // grad_a: acc[cc][jj] += dropped(x)[m, c] * g[m, j].
     if (t.active) {
