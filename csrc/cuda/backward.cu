@@ -9,8 +9,8 @@
 // written once (2 or 4 bytes each). Besides these, the small operands (h, g, a, b, L2-resident) and
 // float32 partial sums: g's sums per 256-column tile of grad_y (r floats per row for each slice that
 // meets the tile: about 4 * r / 256 bytes per element of grad_y, written once and read once by the
-// finalizer; 0.25 bytes at r = 16) and the per-chunk sums of grad_b and grad_a (2 chunks per SM,
-// independent of M).
+// finalizer; 0.25 bytes at r = 16) and the per-chunk sums of grad_b and grad_a (about 2 * SMs /
+// column tiles chunks, independent of M).
 //
 // Both passes share one shape. A block owns a tile of 256 columns (of grad_y or x) and a chunk of
 // rows, which it walks in groups of 32 rows. Each group is loaded from global memory once, every
