@@ -4,8 +4,17 @@ frozen nn.Linear's, fp32, M = K = N = 2048, r = 16, dropout 0 and 0.1. The three
 median and 20th/80th percentiles of those per-round ratios are printed.
 
     python bench/layer_ratio.py [threads] [rounds]
+
+Also printed: the minor page faults per call of each side. glibc's malloc hands the freed top of its
+heap back to the system once it exceeds its trim threshold (twice the largest chunk it has freed, 32 MiB
+here) and faults it back in at the next allocation; with two 16 MiB tensors per call (y, grad_x) on
+both sides, which side crosses the threshold depends on the small allocations around them and changes
+from run to run, and a side that does pays about 4,000 faults (16 MiB of fresh pages, 2-4 ms) per call
+for where its frees leave the heap top, not for its arithmetic. A run whose fault counts differ much
+between the sides measures the heap as well as the layers.
 """
 import os
+import resource
 import statistics
 import sys
 import time
@@ -30,16 +39,20 @@ def lora(p):
     y=loracuda.lora_linear(x,lin.weight,lin.bias,A,B,2.0,p,True); y.backward(dy)
 fs={"base":base,"p0":lambda: lora(0.0),"p.1":lambda: lora(0.1)}
 ts={k:[] for k in fs}
+faults={k:0 for k in fs}  # minor page faults during the timed calls
 for f in fs.values(): f()
 for i in range(rounds):
     for k,f in fs.items():
+        f0=resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         s=time.perf_counter(); f(); ts[k].append(time.perf_counter()-s)
+        faults[k]+=resource.getrusage(resource.RUSAGE_SELF).ru_minflt-f0
 def quantiles(values):
     q = statistics.quantiles(values, n=10)
     return statistics.median(values), q[1], q[7]  # median, 20th, 80th percentile
 
 
 print(f"threads {threads}, {rounds} rounds, base median {statistics.median(ts['base']) * 1e3:.1f} ms")
+print("  page faults per call: " + ", ".join(f"{k} {faults[k] / rounds:.0f}" for k in fs))
 for name, target in (("p0", 1.07), ("p.1", 1.10)):
     med, p20, p80 = quantiles([a / b for a, b in zip(ts[name], ts["base"])])
     print(f"  dropout {name[1:] or 0}: loracuda / base = {med:.3f} (p20 {p20:.3f}, p80 {p80:.3f}); target <= {target}")
