@@ -119,10 +119,11 @@ Tensor grad_y_pass_blocked(const Tensor& grad_y, const Tensor& h, const Tensor& 
 }
 
 #ifdef LORACUDA_X86_DISPATCH
-// float32 x (and grad_x when given) of unit column stride, no dropout, on an AVX-512 machine: the
+// float32 x (and grad_x when given) of unit column stride, with or without dropout, on an AVX-512 machine: the
 // one-read loop of cpu/x_pass_avx512.h over fixed chunks of rows adds the LoRA part into grad_x and
 // returns grad_a [R, K] = the chunk sums, added in chunk order (the same sums with or without grad_x).
-Tensor x_pass_one_read(const Tensor& x, const Tensor& g, const Tensor& a, const std::optional<Tensor>& grad_x) {
+Tensor x_pass_one_read(const Tensor& x, const Tensor& g, const Tensor& a, const Dropout& drop,
+                       const std::optional<Tensor>& grad_x) {
   const int64_t m = x.size(0), k = x.size(1), big_r = a.size(0);
   const int64_t chunk = reduction_chunk_rows(m, x_pass_avx512::kGroupRows, big_r * k, sizeof(float));
   const int64_t chunks = (m + chunk - 1) / chunk;
@@ -136,7 +137,7 @@ Tensor x_pass_one_read(const Tensor& x, const Tensor& g, const Tensor& a, const 
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       x_pass_avx512::rows(xp, xs, gxp, gxs, gp, gs, ap, big_r, k, c * chunk, std::min(m, (c + 1) * chunk),
-                          pp + c * big_r * k);
+                          pp + c * big_r * k, drop);
     }
   });
   return sum_in_order(partial);
@@ -269,14 +270,14 @@ std::tuple<Tensor, Tensor> backward(const Tensor& grad_y, const Tensor& x, const
     }
     // ---- the x pass: grad_a and grad_x
 #ifdef LORACUDA_X86_DISPATCH
-    const bool fused_x = x.scalar_type() == at::kFloat && !drop.active && detail::isa() == detail::Isa::avx512 &&
+    const bool fused_x = x.scalar_type() == at::kFloat && detail::isa() == detail::Isa::avx512 &&
                          col_stride(x) == 1 && (!grad_x.has_value() || col_stride(*grad_x) == 1);
 #else
     const bool fused_x = false;
 #endif
     if (fused_x) {
 #ifdef LORACUDA_X86_DISPATCH
-      grad_a = x_pass_one_read(x, g, a, grad_x);
+      grad_a = x_pass_one_read(x, g, a, drop, grad_x);
 #endif
     } else if (wide && !drop.active) {
       grad_a = at::mm(g.t(), x);
