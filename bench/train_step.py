@@ -9,12 +9,15 @@ timed in interleaved rounds (the order rotates each round, so load from elsewher
 them alike); printed: the median step time and tokens/s, the ratio to PEFT, the peak memory above the
 pre-step level (VmHWM on the CPU) and the bytes autograd saves for backward, then the loss curves of 20 steps from the same seed and whether they
 agree (train_suite.compare_curves says what agreeing means at each dropout). --profile prints
-torch.profiler tables of one step of each provider (self CPU time by op). Exits 1 when the loss
-curves disagree.
+torch.profiler tables of one step of each provider (self CPU time by op). Also printed: each step's
+minor page faults (glibc's malloc trims its heap top past a threshold and faults it back in; here it is
+PEFT's steps that pay, about 8,000 faults each, and a run with MALLOC_TRIM_THRESHOLD_=1073741824
+MALLOC_MMAP_THRESHOLD_=33554432 removes them for both). Exits 1 when the loss curves disagree.
 """
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import time
@@ -57,15 +60,18 @@ def main(argv=None) -> int:
         for _ in range(args.warmup):
             steps[key]()
     times = {key: [] for key in keys}
+    faults = {key: 0 for key in keys}  # minor page faults during the timed steps (see bench/layer_ratio.py)
     for round_ in range(args.rounds):
         order = keys[round_ % len(keys):] + keys[: round_ % len(keys)]
         for key in order:
+            faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
             steps[key]()
             times[key].append(time.perf_counter() - start)
+            faults[key] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
     peaks = {key: memory.peak_extra_bytes(steps[key], device) for key in keys}
 
-    print(f"\n{'provider':<10} {'p':>4} {'median ms':>10} {'p20-p80 ms':>16} {'tokens/s':>9} {'x PEFT':>7} {'saved MB':>9} {'peak MB':>8}")
+    print(f"\n{'provider':<10} {'p':>4} {'median ms':>10} {'p20-p80 ms':>16} {'tokens/s':>9} {'x PEFT':>7} {'saved MB':>9} {'peak MB':>8} {'faults/step':>11}")
     for key in keys:
         name, p = key
         t = sorted(times[key])
@@ -74,7 +80,7 @@ def main(argv=None) -> int:
         speed = statistics.median(times[("peft", p)]) / med if ("peft", p) in times else float("nan")
         peak = peaks[key]
         peak_text = f"{peak / 2**20:8.1f}" if peak is not None else "       -"
-        print(f"{name:<10} {p:>4} {med * 1e3:10.1f} {p20 * 1e3:7.1f}-{p80 * 1e3:<8.1f} {tokens / med:9.0f} {speed:7.3f} {saved[key] / 2**20:9.1f} {peak_text}")
+        print(f"{name:<10} {p:>4} {med * 1e3:10.1f} {p20 * 1e3:7.1f}-{p80 * 1e3:<8.1f} {tokens / med:9.0f} {speed:7.3f} {saved[key] / 2**20:9.1f} {peak_text} {faults[key] / args.rounds:11.0f}")
     for p in DROPOUTS:
         goal = 1.0 / T.TARGETS_VS_PEFT[p]
         speed = statistics.median(times[("peft", p)]) / statistics.median(times[("loracuda", p)])
