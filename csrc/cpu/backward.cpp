@@ -6,11 +6,11 @@
 //   grad_x += mask * (g @ lora_a) / q                     [M, K]  ┘
 //
 // float32 grad_y (unit column stride, r <= 64) on an AVX-512 machine takes the grad_y pass in one read
-// of grad_y (cpu/grad_y_pass_avx512.h), and float32 x without dropout the x pass in one read of x and
-// one read-modify-write of grad_x (cpu/x_pass_avx512.h). Otherwise float32 / float64 values skip a pass's blocking where
-// BLAS can take the tensors as they are: the grad_y pass (two BLAS reads of grad_y), and the x pass
-// when there is no dropout. Otherwise (bf16 / fp16 values, or dropout
-// in the x pass) the pass walks its M x K (or M x N) operand in row blocks that fit in L2: a block is
+// of grad_y (cpu/grad_y_pass_avx512.h), and float32 x (unit column stride, with or without dropout)
+// the x pass in one read of x and one read-modify-write of grad_x (cpu/x_pass_avx512.h). Otherwise
+// float32 / float64 values skip a pass's blocking where BLAS can take the tensors as they are: the
+// grad_y pass (two BLAS reads of grad_y), and the x pass when there is no dropout. Otherwise (bf16 /
+// fp16 values, or dropout in the x pass) the pass walks its M x K (or M x N) operand in row blocks that fit in L2: a block is
 // widened to the accumulation type, masked once, and used both for its grad_a (or grad_b) GEMM and for
 // its rows of grad_x, so x and grad_x are each read once and no M x K temporary exists. Reductions
 // over M are summed per fixed chunk of rows and then chunk by chunk in order (cpu/common.h), so the
