@@ -106,6 +106,18 @@ def main() -> int:
         step(f"backward {tag}", lambda: ops.backward(dy, x, h, a, b, 0.5, grad_x=gx))
         step(f"backward dropout {tag}", lambda: ops.backward(dy, x, h, a, b, 0.5, 0.25, seed, grad_x=gx))
         step(f"backward no grad_x {tag}", lambda: ops.backward(dy, x, h, a, b, 0.5))
+        # The one-pass backward's tile edges (csrc/cuda/backward.cu): three slices of r = 24 (R = 72, a
+        # second rank group), slice boundaries inside the first 256-column tile and a second tile, 70 rows
+        # (three 32-row groups, the last partial), x not 16-byte aligned, dropout.
+        m3, n3, r3 = 70, 300, 24
+        x3 = misaligned(m3, k, dtype, dev)
+        a3 = (torch.randn(3 * r3, k, device=dev) / k**0.5).to(adapter_dtype)
+        b3 = (torch.randn(n3, r3, device=dev) * 0.1).to(adapter_dtype)
+        h3 = ops.shrink(x3, a3)
+        dy3 = torch.randn(m3, n3, device=dev).to(dtype)
+        gx3 = torch.zeros(m3, k, device=dev, dtype=dtype)
+        step(f"backward three slices R=72 misaligned x {tag}",
+             lambda: ops.backward(dy3, x3, h3, a3, b3, 0.5, 0.25, seed, [0, 100, 261, n3], grad_x=gx3))
         weight = (torch.randn(n, k, device=dev) / k**0.5).to(dtype)
         bias = torch.randn(n, device=dev).to(dtype)
 
