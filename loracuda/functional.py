@@ -1,11 +1,12 @@
 """lora_linear: the LoRA linear layer as one differentiable call.
 
 Forward is the op torch.ops.loracuda.lora_linear (base GEMM + shrink + expand-add in place); its
-autograd formula is registered here with torch.library.register_autograd. Saved for backward: x,
-h [M, R] (float32) and the dropout seed, besides the parameters; no dropout mask and no dropped copy
-of x. Backward: grad_x = grad_y @ weight by the base dgrad GEMM, then one loracuda.backward call adds
-the LoRA part into it in place and returns the adapter gradients. Under autocast the base inputs
-take the autocast dtype as in F.linear while the factors keep theirs (autocast_inputs).
+autograd formula is the op's own Autograd kernel (csrc/lora_linear_autograd.cpp). Saved for
+backward: x, h [M, R] (float32) and the dropout seed, besides the parameters; no dropout mask and no
+dropped copy of x. Backward: grad_x = grad_y @ weight by the base dgrad GEMM, then one
+loracuda.backward call adds the LoRA part into it in place and returns the adapter gradients. Under
+autocast the base inputs take the autocast dtype as in F.linear while the factors keep theirs
+(autocast_inputs).
 """
 
 from typing import Optional, Sequence, Union
@@ -96,49 +97,3 @@ def _call(x, weight, bias, lora_a, lora_b, scale, p, seed_t, slice_offsets) -> T
     x2 = x if x.dim() == 2 else x.reshape(-1, k)
     y, _ = torch.ops.loracuda.lora_linear(x2, weight, bias, lora_a, lora_b, float(scale), p, seed_t, list(slice_offsets))
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, slice_offsets = inputs
-    _, h = output
-    ctx.save_for_backward(x, weight, lora_a, lora_b, h, seed)
-    ctx.scale = scale
-    ctx.dropout_p = dropout_p
-    ctx.slice_offsets = slice_offsets
-    ctx.has_bias = bias is not None
-
-
-def _backward(ctx, grad_y, grad_h):
-    # A backward run inside an autocast region must not cast the float32 factors or their gradients.
-    device_type = grad_y.device.type
-    if _autocast_enabled(device_type):
-        with torch.autocast(device_type, enabled=False):
-            return _backward_impl(ctx, grad_y)
-    return _backward_impl(ctx, grad_y)
-
-
-def _backward_impl(ctx, grad_y):
-    x, weight, lora_a, lora_b, h, seed = ctx.saved_tensors
-    need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-    grad_x = grad_y @ weight if need_x else None  # base dgrad GEMM; the LoRA part is added in place
-    grad_a = grad_b = None
-    if need_x or need_a or need_b:
-        grad_a, grad_b = torch.ops.loracuda.backward(
-            grad_y, x, h, lora_a, lora_b, ctx.scale, ctx.dropout_p, seed, ctx.slice_offsets, grad_x
-        )
-    grad_w = grad_y.t() @ x if need_w else None
-    grad_bias = grad_y.sum(0) if (need_bias and ctx.has_bias) else None
-    return (
-        grad_x,
-        grad_w,
-        grad_bias,
-        grad_a if need_a else None,
-        grad_b if need_b else None,
-        None,
-        None,
-        None,
-        None,
-    )
-
-
-torch.library.register_autograd("loracuda::lora_linear", _backward, setup_context=_setup_context)
