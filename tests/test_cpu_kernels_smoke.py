@@ -220,3 +220,31 @@ def test_blocked_backward_independent_of_thread_count():
         torch.set_num_threads(threads)
     for one, two in zip(*results):
         assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("m, k, n, r, offsets, p", [
+    (40, 1100, 1300, 16, (), 0.0),              # one row chunk: columns split into tiles (x and grad_y passes)
+    (40, 1100, 1300, 16, (), 0.1),              # the same with dropout (the mask index of a column tile)
+    (90, 700, 1500, 8, (0, 640, 1100, 1500), 0.0),  # three slices, tile edges inside slices
+    (600, 520, 1030, 16, (), 0.1),              # a few row chunks and tiles
+])
+def test_float32_backward_independent_of_thread_count(m, k, n, r, offsets, p):
+    # The one-read float32 passes split small M's work by columns too: 1, 2 and 3 threads agree bitwise.
+    gen = torch.Generator().manual_seed(17)
+    slices = max(1, len(offsets) - 1)
+    f32 = torch.float32
+    dy, x = randn(m, n, dtype=f32, gen=gen), randn(m, k, dtype=f32, gen=gen)
+    a, b = randn(slices * r, k, dtype=f32, gen=gen), randn(n, r, dtype=f32, gen=gen)
+    h = ref.shrink(x, a, p, 8).float()
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            gx = randn(m, k, dtype=f32, gen=torch.Generator().manual_seed(3))
+            results.append((*ops.backward(dy, x, h, a, b, 0.5, p, 8 if p else None, offsets, gx), gx))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for one, two in zip(results[0], other):
+            assert torch.equal(one, two)

@@ -181,6 +181,21 @@ CUDA_TILING_BACKWARD_CASES = [
 ]
 
 
+# The CPU's float32 one-read passes split the columns too when few row chunks (up to 256 rows each)
+# leave threads idle: column tiles of the x pass (256 columns and up, a multiple of 16; grad_a and grad_x
+# columns computed within a tile) and of the grad_y pass (512 columns and up; g summed over the tiles'
+# partials in order, grad_b's rows within a tile). These reach 2-4 tiles in both passes, slices cut by
+# tile edges, a slice outside a tile, the dropout index of a tile, grad_x None, and r of 1 and 2 vectors.
+CPU_COLUMN_TILE_BACKWARD_CASES = [
+    Case(40, 1100, 1300, 16, F32, F32, (), 0.0),
+    Case(40, 1100, 1300, 16, F32, F32, (), 0.1, "padded", scale=-0.45),
+    Case(90, 700, 1500, 8, F32, F32, (0, 640, 1100, 1500), 0.0, scale=1.7),
+    Case(3, 1040, 2100, 24, F32, F32, (0, 13, 2100), 0.1, grad_x=False),
+    Case(600, 520, 1030, 16, F32, F32, (), 0.1),
+    Case(33, 1030, 1030, 16, F32, F32, (), 0.5, "contiguous", "integers", 0.5),
+]
+
+
 def test_cuda_tiling_backward_cases_cover_the_edges():
     cases = CUDA_TILING_BACKWARD_CASES
     assert {16, 24, 40, 72} <= {c.r for c in cases} and max(c.rank_total for c in cases) > 64
@@ -193,7 +208,8 @@ def test_cuda_tiling_backward_cases_cover_the_edges():
 
 
 @pytest.mark.parametrize("device_name, case",
-                         device_cases(BACKWARD_CASES + WIDE_RANK_BACKWARD_CASES + CUDA_TILING_BACKWARD_CASES))
+                         device_cases(BACKWARD_CASES + WIDE_RANK_BACKWARD_CASES + CUDA_TILING_BACKWARD_CASES
+                                      + CPU_COLUMN_TILE_BACKWARD_CASES))
 def test_backward(device_name, case):
     device = use_device(device_name, "backward")
     s = backward_sample(case, device)

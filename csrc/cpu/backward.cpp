@@ -44,24 +44,40 @@ bool one_read_loop_applies(const Tensor& h, int64_t r) {
 
 // float32 grad_y: that loop over fixed chunks of rows; fills g [M, R] and returns grad_b [N, r] =
 // scale * (the chunk sums, added in chunk order).
+//
+// With few row chunks (small M) the columns are split too, into a number of tiles that depends on the
+// shapes only: grad_b's rows are each computed in one tile, and g = the tiles' partial sums [M, R],
+// added in tile order, so the result does not depend on the thread count.
 Tensor grad_y_pass_one_read(const Tensor& grad_y, const Tensor& h, const Tensor& b, double scale,
                             const std::vector<int64_t>& off, Tensor& g) {
-  const int64_t m = grad_y.size(0), n = grad_y.size(1), r = b.size(1);
+  const int64_t m = grad_y.size(0), n = grad_y.size(1), r = b.size(1), big_r = g.size(1);
   const int64_t chunk = reduction_chunk_rows(m, 8, n * r, sizeof(float));
   const int64_t chunks = (m + chunk - 1) / chunk;
+  constexpr int64_t kTasks = 4;            // enough for the 2-4 cores of a small machine
+  constexpr int64_t kMinTileColumns = 512;  // a tile's g partial [M, R] costs as much as 512 / R columns
+  const int64_t tiles = chunks >= kTasks ? 1 : std::clamp<int64_t>(n / kMinTileColumns, 1, (kTasks + chunks - 1) / chunks);
+  const int64_t tile_width = (n + tiles - 1) / tiles;
   Tensor partial = at::zeros({chunks, n, r}, grad_y.options());
+  Tensor g_tiles = tiles > 1 ? at::empty({tiles, m, big_r}, grad_y.options()) : Tensor();
   const float* dyp = grad_y.const_data_ptr<float>();
   const float* hp = h.const_data_ptr<float>();
   const float* bp = b.const_data_ptr<float>();
-  float* gp = g.data_ptr<float>();
   float* pp = partial.data_ptr<float>();
-  const int64_t rs = row_stride(grad_y), hs = row_stride(h), gs = g.stride(0);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      grad_y_avx512::run(dyp, rs, hp, hs, bp, static_cast<int>(r), off, c * chunk, std::min(m, (c + 1) * chunk),
-                         pp + c * n * r, gp, gs);
+  const int64_t rs = row_stride(grad_y), hs = row_stride(h);
+  at::parallel_for(0, chunks * tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t c = task / tiles, t = task % tiles;
+      float* gp = tiles > 1 ? g_tiles.data_ptr<float>() + t * m * big_r : g.data_ptr<float>();
+      const int64_t gs = tiles > 1 ? big_r : g.stride(0);
+      // The slices clipped to this tile's columns (a slice outside it has no columns: its g is 0 here).
+      std::vector<int64_t> tile_off(off.size());
+      const int64_t c0 = t * tile_width, c1 = std::min(n, c0 + tile_width);
+      for (size_t s = 0; s < off.size(); ++s) tile_off[s] = std::clamp(off[s], c0, c1);
+      grad_y_avx512::run(dyp, rs, hp, hs, bp, static_cast<int>(r), tiles > 1 ? tile_off : off, c * chunk,
+                         std::min(m, (c + 1) * chunk), pp + c * n * r, gp, gs);
     }
   });
+  if (tiles > 1) g.copy_(sum_in_order(g_tiles));
   g.mul_(scale);
   return sum_in_order(partial).mul_(scale);
 }
@@ -122,11 +138,20 @@ Tensor grad_y_pass_blocked(const Tensor& grad_y, const Tensor& h, const Tensor& 
 // float32 x (and grad_x when given) of unit column stride, with or without dropout, on an AVX-512 machine: the
 // one-read loop of cpu/x_pass_avx512.h over fixed chunks of rows adds the LoRA part into grad_x and
 // returns grad_a [R, K] = the chunk sums, added in chunk order (the same sums with or without grad_x).
+//
+// The tasks are (row chunk, column tile) pairs. Every column of grad_a and grad_x is computed from the
+// same column of x alone, so the tiling changes no result; it only lets a few row chunks (small M,
+// when one chunk takes all the rows) keep every thread busy.
 Tensor x_pass_one_read(const Tensor& x, const Tensor& g, const Tensor& a, const Dropout& drop,
                        const std::optional<Tensor>& grad_x) {
   const int64_t m = x.size(0), k = x.size(1), big_r = a.size(0);
   const int64_t chunk = reduction_chunk_rows(m, x_pass_avx512::kGroupRows, big_r * k, sizeof(float));
   const int64_t chunks = (m + chunk - 1) / chunk;
+  const int64_t threads = at::get_num_threads();
+  constexpr int64_t kMinTileColumns = 256;  // 1 KiB of each row: a task still streams whole lines
+  const int64_t tiles = chunks >= 2 * threads ? 1
+                                              : std::clamp<int64_t>(k / kMinTileColumns, 1, (2 * threads + chunks - 1) / chunks);
+  const int64_t tile_width = ((k + tiles - 1) / tiles + 15) / 16 * 16;  // whole 16-column vectors
   Tensor partial = at::zeros({chunks, big_r, k}, x.options());
   const float* xp = x.const_data_ptr<float>();
   float* gxp = grad_x.has_value() ? grad_x->data_ptr<float>() : nullptr;
@@ -134,10 +159,13 @@ Tensor x_pass_one_read(const Tensor& x, const Tensor& g, const Tensor& a, const 
   const float* ap = a.const_data_ptr<float>();
   float* pp = partial.data_ptr<float>();
   const int64_t xs = row_stride(x), gxs = grad_x.has_value() ? row_stride(*grad_x) : 0, gs = g.stride(0);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      x_pass_avx512::rows(xp, xs, gxp, gxs, gp, gs, ap, big_r, k, c * chunk, std::min(m, (c + 1) * chunk),
-                          pp + c * big_r * k, drop);
+  at::parallel_for(0, chunks * tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t c = task / tiles, k0 = task % tiles * tile_width;
+      if (k0 >= k) continue;
+      const x_pass_avx512::Columns cols{std::min(tile_width, k - k0), k, k, k, k0};
+      x_pass_avx512::rows(xp + k0, xs, gxp != nullptr ? gxp + k0 : nullptr, gxs, gp, gs, ap + k0, big_r, cols,
+                          c * chunk, std::min(m, (c + 1) * chunk), pp + c * big_r * k + k0, drop);
     }
   });
   return sum_in_order(partial);

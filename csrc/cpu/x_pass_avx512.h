@@ -57,15 +57,26 @@ __attribute__((target("avx512f"), always_inline)) inline __mmask16 keep_x16(cons
                                _MM_CMPINT_NLT);
 }
 
+// The columns one call covers: `width` columns of x and grad_x from the pointers given, of a (row
+// stride a_stride) and of part (row stride part_stride); for the dropout index, column 0 is the
+// logical column `first` of rows of `index_width` elements (a call may take a column range of x).
+struct Columns {
+  int64_t width;
+  int64_t a_stride;
+  int64_t part_stride;
+  int64_t index_width;
+  int64_t first;
+};
+
 // One group of kRows rows (x row i at x + i * xs, grad_x row i at gx + i * gxs, g row i at g + i * gs;
-// unit column strides), columns [0, k_len), all R rows of a [R, a_stride]: part [R, part_stride] and the
-// grad_x rows updated (kGradX; without it only part, by the same sums: grad_a does not depend on
-// whether grad_x is asked for). kDrop: dropout `drop`, row i's elements at flat indices
-// (row0 + i) * k_len + k.
+// unit column strides), the columns `cols`, all R rows of a: part [R, ...] and the grad_x rows updated
+// (kGradX; without it only part, by the same sums: grad_a does not depend on whether grad_x is asked
+// for). kDrop: dropout `drop`, row i's element k at flat index (row0 + i) * index_width + first + k.
 template <int kRows, bool kGradX, bool kDrop>
 __attribute__((target("avx512f"))) void group(const float* x, int64_t xs, float* gx, int64_t gxs, const float* g,
-                                              int64_t gs, const float* a, int64_t as, int64_t big_r, int64_t k_len,
-                                              float* part, int64_t ps, const Dropout& drop, int64_t row0) {
+                                              int64_t gs, const float* a, int64_t big_r, float* part,
+                                              const Columns& cols, const Dropout& drop, int64_t row0) {
+  const int64_t k_len = cols.width, as = cols.a_stride, ps = cols.part_stride;
   const __m512 ks = _mm512_set1_ps(drop.keep_scale);
   for (int64_t k = 0; k < k_len; k += 16) {
     const __mmask16 mask =
@@ -78,7 +89,8 @@ __attribute__((target("avx512f"))) void group(const float* x, int64_t xs, float*
     for (int i = 0; i < kRows; ++i) {
       keep[i] = mask;
       if constexpr (kDrop) {
-        const uint64_t index = static_cast<uint64_t>(row0 + i) * static_cast<uint64_t>(k_len) + static_cast<uint64_t>(k);
+        const uint64_t index = static_cast<uint64_t>(row0 + i) * static_cast<uint64_t>(cols.index_width) +
+                               static_cast<uint64_t>(cols.first + k);
         keep[i] = static_cast<__mmask16>(keep_x16(drop, index) & mask);
         xv[i] = _mm512_maskz_mul_ps(keep[i], _mm512_maskz_loadu_ps(mask, x + i * xs + k), ks);
       } else {
@@ -113,32 +125,31 @@ __attribute__((target("avx512f"))) void group(const float* x, int64_t xs, float*
   }
 }
 
-// Rows [m0, m1): x [M, K] (row stride xs), grad_x [M, K] (row stride gxs; null: grad_a only), g [M, R]
-// (row stride gs), a [R, K] contiguous; part [R, K] contiguous += this chunk's sums; dropout `drop`
-// (inactive: none).
+// Rows [m0, m1): x (row stride xs), grad_x (row stride gxs; null: grad_a only), g [M, R] (row stride
+// gs), a [R, ...], the columns `cols`; part [R, ...] += this chunk's sums over those columns; dropout
+// `drop` (inactive: none).
 template <bool kGradX, bool kDrop>
 void rows_of(const float* x, int64_t xs, float* gx, int64_t gxs, const float* g, int64_t gs, const float* a,
-             int64_t big_r, int64_t k_len, int64_t m0, int64_t m1, float* part, const Dropout& drop) {
+             int64_t big_r, const Columns& cols, int64_t m0, int64_t m1, float* part, const Dropout& drop) {
   for (int64_t i0 = m0; i0 < m1; i0 += kGroupRows) {
     const int nr = static_cast<int>(std::min<int64_t>(kGroupRows, m1 - i0));
     const float* xr = x + i0 * xs;
     float* gxr = kGradX ? gx + i0 * gxs : nullptr;
     const float* gr = g + i0 * gs;
     with_row_count<kGroupRows>(nr, [&](auto rows_c) {
-      group<decltype(rows_c)::value, kGradX, kDrop>(xr, xs, gxr, gxs, gr, gs, a, k_len, big_r, k_len, part, k_len,
-                                                    drop, i0);
+      group<decltype(rows_c)::value, kGradX, kDrop>(xr, xs, gxr, gxs, gr, gs, a, big_r, part, cols, drop, i0);
     });
   }
 }
 
 inline void rows(const float* x, int64_t xs, float* gx, int64_t gxs, const float* g, int64_t gs, const float* a,
-                 int64_t big_r, int64_t k_len, int64_t m0, int64_t m1, float* part, const Dropout& drop) {
+                 int64_t big_r, const Columns& cols, int64_t m0, int64_t m1, float* part, const Dropout& drop) {
   if (gx != nullptr) {
-    if (drop.active) return rows_of<true, true>(x, xs, gx, gxs, g, gs, a, big_r, k_len, m0, m1, part, drop);
-    return rows_of<true, false>(x, xs, gx, gxs, g, gs, a, big_r, k_len, m0, m1, part, drop);
+    if (drop.active) return rows_of<true, true>(x, xs, gx, gxs, g, gs, a, big_r, cols, m0, m1, part, drop);
+    return rows_of<true, false>(x, xs, gx, gxs, g, gs, a, big_r, cols, m0, m1, part, drop);
   }
-  if (drop.active) return rows_of<false, true>(x, xs, gx, gxs, g, gs, a, big_r, k_len, m0, m1, part, drop);
-  rows_of<false, false>(x, xs, gx, gxs, g, gs, a, big_r, k_len, m0, m1, part, drop);
+  if (drop.active) return rows_of<false, true>(x, xs, gx, gxs, g, gs, a, big_r, cols, m0, m1, part, drop);
+  rows_of<false, false>(x, xs, gx, gxs, g, gs, a, big_r, cols, m0, m1, part, drop);
 }
 
 }  // namespace x_pass_avx512
