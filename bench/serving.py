@@ -20,7 +20,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
@@ -28,11 +27,7 @@ import torch  # noqa: E402
 
 from loracuda.benchmarking.serving_suite import SERVING_TARGETS, serving_benches, serving_shape  # noqa: E402
 from loracuda.benchmarking.suites import SuiteContext  # noqa: E402
-
-
-def quantiles(values):
-    q = statistics.quantiles(values, n=10) if len(values) > 1 else [values[0]] * 9
-    return statistics.median(values), q[1], q[7]  # median, 20th, 80th percentile
+from loracuda.benchmarking.timer import ratio_quantiles, round_robin_samples  # noqa: E402
 
 
 def main() -> None:
@@ -52,18 +47,11 @@ def main() -> None:
     )
     for n in counts:
         benches = serving_benches(ctx, shape, n)
-        times = {name: [] for name in benches}
-        for bench in benches.values():  # warm-up
-            bench.fn()
-        for _ in range(args.rounds):
-            for name, bench in benches.items():
-                start = time.perf_counter()
-                bench.fn()
-                times[name].append(time.perf_counter() - start)
+        times = round_robin_samples({name: bench.fn for name, bench in benches.items()}, args.rounds)
         line = f"{n:3d} adapters: base {statistics.median(times['base']) * 1e3:8.1f} ms"
         for name in ("loracuda", "peft"):
             if name in times:
-                med, p20, p80 = quantiles([t / b for t, b in zip(times[name], times["base"])])
+                med, p20, p80 = ratio_quantiles(times, name, "base")
                 line += f" | {name} / base {med:.3f} (p20 {p20:.3f}, p80 {p80:.3f})"
         target = SERVING_TARGETS.get(n)
         print(line + (f"; target <= {target}" if target else ""))

@@ -14,13 +14,13 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 import torch  # noqa: E402
 
 from loracuda.benchmarking import providers as P  # noqa: E402
+from loracuda.benchmarking import timer as T  # noqa: E402
 
 SHAPES = [(4, 16), (32, 4096), (128, 1024), (128, 4096), (512, 1024)]
 RANK = 16
@@ -44,26 +44,17 @@ def main(argv=None) -> int:
         grad_y = torch.randn(m, kn, generator=gen)
         forwards = P.layer_forwards(weight, lora_a, lora_b, 2.0, 0.0, with_peft, with_reference=False)
         forwards.pop("addmm")
-        calls = {name: P.layer_bench(f, params, x, grad_y, "fwd+bwd") for name, (f, params) in forwards.items()}
-        times = {name: [] for name in calls}
-        for bench in calls.values():
-            for _ in range(10):
-                bench.fn()
-        for _ in range(args.rounds):
-            for name, bench in calls.items():
-                start = time.perf_counter()
-                bench.fn()
-                times[name].append(time.perf_counter() - start)
+        calls = {name: P.layer_bench(f, params, x, grad_y, "fwd+bwd").fn for name, (f, params) in forwards.items()}
+        times = T.round_robin_samples(calls, args.rounds, warmup=10)
         base = statistics.median(times["base"])
         unit, factor = ("us", 1e6) if base < 1e-3 else ("ms", 1e3)
         line = f"M={m:4d} K=N={kn:4d}: base {base * factor:8.3f} {unit}"
         for name in calls:
             if name == "base":
                 continue
-            ratios = sorted(a / b for a, b in zip(times[name], times["base"]))
-            q = statistics.quantiles(ratios, n=10)
+            med, p20, p80 = T.ratio_quantiles(times, name, "base")
             line += (f" | {name} {statistics.median(times[name]) * factor:8.3f} {unit},"
-                     f" x{statistics.median(ratios):.3f} (p20 {q[1]:.3f}, p80 {q[7]:.3f})")
+                     f" x{med:.3f} (p20 {p20:.3f}, p80 {p80:.3f})")
         print(line)
     return 0
 

@@ -209,3 +209,25 @@ def measure_interleaved(
             repeats=len(values),
         )
     return timings, errors
+
+
+def round_robin_samples(fns: dict, rounds: int, warmup: int = 1) -> dict:
+    """name -> the seconds of each round's call, on the host clock (CPU work): ``warmup`` untimed calls
+    of each, then every round calls each fn once in the given order, so that sample i of every name
+    comes from round i (for per-round ratios, steadier on a shared machine than ratios of medians)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    return samples
+
+
+def ratio_quantiles(samples: dict, name: str, base: str) -> tuple[float, float, float]:
+    """Median, 20th and 80th percentile of samples[name][i] / samples[base][i] over the rounds i."""
+    ratios = [a / b for a, b in zip(samples[name], samples[base])]
+    return statistics.median(ratios), percentile(ratios, 0.2), percentile(ratios, 0.8)
