@@ -54,7 +54,7 @@ Tensor grad_y_pass_one_read(const Tensor& grad_y, const Tensor& h, const Tensor&
   const int64_t chunk = reduction_chunk_rows(m, 8, n * r, sizeof(float));
   const int64_t chunks = (m + chunk - 1) / chunk;
   constexpr int64_t kTasks = 4;            // enough for the 2-4 cores of a small machine
-  constexpr int64_t kMinTileColumns = 512;  // a tile's g partial [M, R] costs as much as 512 / R columns
+  constexpr int64_t kMinTileColumns = 512;  // narrower tiles: more g partials [M, R] to write and sum
   const int64_t tiles = chunks >= kTasks ? 1 : std::clamp<int64_t>(n / kMinTileColumns, 1, (kTasks + chunks - 1) / chunks);
   const int64_t tile_width = (n + tiles - 1) / tiles;
   Tensor partial = at::zeros({chunks, n, r}, grad_y.options());
