@@ -9,17 +9,18 @@ adapter_model.safetensors (metadata {"format": "pt"}) with, adapter name removed
 Files whose keys lack the "base_model.model." prefix are read too.
 
 Loading reads only safetensors (a pickle file is refused), and checks every key, shape and dtype against
-the model before any parameter is touched: on any error the model is unchanged. Saving writes temporary
-files in the target folder and renames them over the old ones (os.replace), so a failed save leaves the
-previous adapter intact.
+the model before any parameter is touched: on any error the model is unchanged. Saving replaces both
+files as one set (loracuda.adapter_folder): a failed or killed save leaves the previous adapter or the
+new one, never a mix, and other files in the folder are left alone.
 """
 
 import json
 import os
-import tempfile
+
 import torch
 from torch import Tensor, nn
 
+from . import adapter_folder
 from .config import CONFIG_NAME, LoraConfig, is_conv1d
 from .inject import CONFIGS_ATTR, adapter_paths, configs, inject, lora_layers, modules_to_save_params
 
@@ -80,52 +81,40 @@ def _write_text(path: str, text: str) -> None:
 
 
 def save_adapter(model: nn.Module, path: str, adapter: str = "default") -> None:
-    """Writes adapter ``adapter`` to folder ``path`` (created if needed) in PEFT's format. Each file is
-    written to a temporary file in the folder and renamed over the old one, so an error (permission
-    denied, a full disk, a write failing part-way) leaves a previous adapter there intact."""
+    """Writes adapter ``adapter`` to folder ``path`` (created if needed) in PEFT's format. The two files
+    replace the previous ones as one set (loracuda.adapter_folder): an error (permission denied, a full
+    disk, a write failing part-way) leaves a previous adapter there intact, a kill at any instant leaves
+    the previous adapter or the new one, and other files in the folder are left alone."""
     import safetensors.torch
 
     tensors = adapter_state_dict(model, adapter)
     config = configs(model)[adapter].to_peft()
     text = json.dumps(config, indent=2, sort_keys=True)
-    path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
 
-    # Both temporaries are written completely before either is renamed, so a failed write changes nothing.
-    fd_w, tmp_w = tempfile.mkstemp(prefix=f".{WEIGHTS_NAME}.", suffix=".tmp", dir=path)
-    os.close(fd_w)
-    fd_c, tmp_c = None, None
-    try:
-        safetensors.torch.save_file(tensors, tmp_w, metadata={"format": "pt"})
-        fd_c, tmp_c = tempfile.mkstemp(prefix=f".{CONFIG_NAME}.", suffix=".tmp", dir=path)
-        os.close(fd_c)
-        _write_text(tmp_c, text)
-        for tmp in (tmp_w, tmp_c):  # mkstemp makes owner-only files; adapter files are shared as usual
-            os.chmod(tmp, 0o644)
-        # The rename of the weights and of the config are two steps; between them (no write can fail
-        # there, only the rename of the config on the same folder) the folder holds the new weights.
-        os.replace(tmp_w, os.path.join(path, WEIGHTS_NAME))
-        tmp_w = None
-        os.replace(tmp_c, os.path.join(path, CONFIG_NAME))
-        tmp_c = None
-    finally:
-        for tmp in (tmp_w, tmp_c):
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
+    def write_weights(file: str) -> None:
+        safetensors.torch.save_file(tensors, file, metadata={"format": "pt"})
+
+    # Both files are replaced as one set: after an error the folder holds the previous adapter, after
+    # a kill at any instant the previous or the new one (loracuda.adapter_folder); other files stay.
+    adapter_folder.write_files(path, {WEIGHTS_NAME: write_weights, CONFIG_NAME: lambda file: _write_text(file, text)})
 
 
 # ---- reading and checking ------------------------------------------------------------------------
 
 
-def _weights_file(path: str) -> tuple[str, str]:
-    """(folder, safetensors file) for an adapter folder or a file path; refuses pickle files."""
+def _locate(path) -> tuple[str, str, bool]:
+    """(folder, weights file name, whether ``path`` named the folder) for an adapter folder or a path
+    to its safetensors file."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        folder, file = path, os.path.join(path, WEIGHTS_NAME)
-        if not os.path.exists(file):
+        return path, WEIGHTS_NAME, True
+    return os.path.dirname(path) or ".", os.path.basename(path), False
+
+
+def _check_weights_file(file: str, path: str, is_folder: bool) -> None:
+    """Refuses a missing file and a pickle file (``path``: what the caller named)."""
+    if not os.path.exists(file):
+        if is_folder:
             pickles = [n for n in PICKLE_NAMES if os.path.exists(os.path.join(path, n))]
             if pickles:
                 raise ValueError(
@@ -133,10 +122,9 @@ def _weights_file(path: str) -> tuple[str, str]:
                     "are loaded (pickle can run arbitrary code). Convert it with safetensors first."
                 )
             raise FileNotFoundError(f"loracuda: no {WEIGHTS_NAME} in {path!r}")
-    else:
-        folder, file = os.path.dirname(path) or ".", path
-        if not os.path.exists(file):
-            raise FileNotFoundError(f"loracuda: no adapter file or folder at {path!r}")
+        raise FileNotFoundError(f"loracuda: no adapter file or folder at {path!r}")
+    if os.path.isdir(file):
+        raise ValueError(f"loracuda: {file!r} is a folder, not a safetensors file")
     with open(file, "rb") as f:
         head = f.read(9)
     # A safetensors file starts with its header's length (u64, little endian) and the JSON header "{".
@@ -146,7 +134,38 @@ def _weights_file(path: str) -> tuple[str, str]:
             f"loracuda: {file!r} is a pickle / torch.save file, not safetensors; only safetensors adapter files "
             "are loaded (pickle can run arbitrary code)"
         )
-    return folder, file
+
+
+def _header_end(file: str, header) -> int:
+    """The end (bytes after the header) of the data a parsed safetensors header describes; ValueError
+    naming the file and the key for a header that is not safetensors' {name: {dtype, shape,
+    data_offsets [begin, end]}} object."""
+    if not isinstance(header, dict):
+        raise ValueError(
+            f"loracuda: {file!r} has a safetensors header that is a JSON {type(header).__name__}, not an object"
+        )
+    end = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(entry, dict):
+            raise ValueError(f"loracuda: {file!r}: safetensors header entry {key!r} is {entry!r}, not an object")
+        offsets = entry.get("data_offsets")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+            or offsets[0] > offsets[1]
+        ):
+            raise ValueError(
+                f"loracuda: {file!r}: safetensors header entry {key!r} has data_offsets {offsets!r}; "
+                "expected [begin, end] with 0 <= begin <= end"
+            )
+        for field in ("dtype", "shape"):
+            if field not in entry:
+                raise ValueError(f"loracuda: {file!r}: safetensors header entry {key!r} has no {field!r}")
+        end = max(end, offsets[1])
+    return end
 
 
 def _read_tensors(file: str) -> dict[str, Tensor]:
@@ -166,7 +185,7 @@ def _read_tensors(file: str) -> dict[str, Tensor]:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ValueError(f"loracuda: {file!r} has a corrupt safetensors header ({error})") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    end = _header_end(file, header)
     if 8 + header_len + end > size:
         raise ValueError(
             f"loracuda: {file!r} is truncated: its header describes {8 + header_len + end} bytes, the file has {size}"
@@ -253,9 +272,15 @@ def read_adapter(path: str) -> tuple[str, LoraConfig, dict[str, Tensor]]:
     """(weights file, config, tensors keyed without the base_model.model. prefix) of the adapter folder
     (or safetensors file) at ``path``. Reads safetensors only (a pickle file is refused) and checks the
     file's integrity; the keys and shapes are checked against a model by ``check_tensors``."""
-    folder, file = _weights_file(path)
-    config = LoraConfig.from_peft(folder)
-    return file, config, _strip(_read_tensors(file))
+    folder, name, is_folder = _locate(path)
+    # The two files are read as one set: under a shared lock against saves of this library, and, after
+    # a save that was killed mid-way, as its journal says (loracuda.adapter_folder).
+    with adapter_folder.reading(folder, [name, CONFIG_NAME]) as files:
+        file = files[name]
+        _check_weights_file(file, os.fspath(path), is_folder)
+        config = LoraConfig.from_peft(files[CONFIG_NAME])
+        tensors = _strip(_read_tensors(file))
+    return file, config, tensors
 
 
 def check_tensors(file: str, tensors: dict[str, Tensor], expected: dict, pad_rank: bool = False) -> None:
