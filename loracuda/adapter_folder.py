@@ -4,7 +4,8 @@ README.md, ...), and consistent reading of that set.
 
 A save (``write_files``), holding an exclusive flock on the folder:
   0. recovers what an interrupted save left (see ``recover``);
-  1. writes each new file to a hidden temporary in the folder, ``.<final name>.<token>.tmp``, and
+  1. writes each new file into a hidden staging folder inside the folder,
+     ``.loracuda_save.<token>.tmp/<final name>`` (a writer's own temporaries land there too), and
      fsyncs it;
   2. writes the journal ``.loracuda_save.journal`` ({"token", "renames": [[temporary, final], ...]})
      to its own temporary, fsyncs it and renames it into place, then fsyncs the folder: from this
@@ -16,7 +17,7 @@ or after it leaves a journal under which the new set is read. At no instant does
 file of the old set beside one of the new.
 
 A reader (``reading``), holding a shared flock (no write access needed), resolves each final name:
-if a journal is present, a final name it lists is read from its temporary while that still exists
+if a journal is present, a final name it lists is read from its staged file while that still exists
 (the rename not yet done), else from the final name. The next save rolls such a journal forward.
 The flock also serialises a reader against a live save in another process or thread; where the
 filesystem has no flock the journal alone still guarantees old-or-new after a kill.
@@ -29,17 +30,27 @@ import json
 import os
 import re
 import secrets
+import shutil
 from typing import Callable, Iterator
 
 JOURNAL_NAME = ".loracuda_save.journal"
+_STAGING = re.compile(r"\.loracuda_save\.[0-9a-f]+\.tmp")
+
+
+def _staging_name(token: str) -> str:
+    return f".loracuda_save.{token}.tmp"
 
 
 def _temp_name(final: str, token: str) -> str:
-    return f".{final}.{token}.tmp"
+    """Where a save with ``token`` stages ``final`` (relative to the folder)."""
+    return f"{_staging_name(token)}/{final}"
 
 
-def _is_temp_of(name: str, finals) -> bool:
-    """A temporary that a save of ``finals`` (or of the journal) makes, whatever its token."""
+def _is_leftover(name: str, finals) -> bool:
+    """A staging folder or journal temporary of an interrupted save, or a temporary of the two-rename
+    saves of earlier versions (``.<final>.<random>.tmp``)."""
+    if _STAGING.fullmatch(name):
+        return True
     for final in list(finals) + [JOURNAL_NAME.lstrip(".")]:
         if re.fullmatch(rf"\.{re.escape(final)}\.[A-Za-z0-9_]+\.tmp", name):
             return True
@@ -90,6 +101,8 @@ def _read_journal(folder: str, finals) -> dict:
     out = {}
     try:
         token = data["token"]
+        if not isinstance(token, str) or not re.fullmatch(r"[0-9a-f]+", token):
+            return {}
         for temp, final in data["renames"]:
             if final in finals and temp == _temp_name(final, token):
                 out[final] = temp
@@ -132,8 +145,12 @@ def recover(folder: str, fd: int, finals) -> None:
     if os.path.lexists(os.path.join(folder, JOURNAL_NAME)):
         os.unlink(os.path.join(folder, JOURNAL_NAME))
     for name in os.listdir(folder):
-        if _is_temp_of(name, finals):
-            os.unlink(os.path.join(folder, name))
+        if _is_leftover(name, finals):
+            path = os.path.join(folder, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
     _fsync_dir(fd)
 
 
@@ -164,23 +181,23 @@ def write_files(folder: str, writers: dict[str, Callable[[str], None]]) -> None:
         recover(folder, fd, finals)
         token = secrets.token_hex(8)
         temps = {final: _temp_name(final, token) for final in finals}
-        written = []
-        journal_temp = os.path.join(folder, _temp_name(JOURNAL_NAME.lstrip("."), token))
+        staging = os.path.join(folder, _staging_name(token))
+        journal_temp = os.path.join(folder, f"{JOURNAL_NAME}.{token}.tmp")
         try:
+            os.mkdir(staging)
             for final, write in writers.items():
                 path = os.path.join(folder, temps[final])
-                written.append(path)
                 write(path)
                 _fsync_file(path)
-            written.append(journal_temp)
+            _fsync_file(staging)
             with open(journal_temp, "w", encoding="utf-8") as f:
                 json.dump({"token": token, "renames": [[temps[n], n] for n in finals]}, f)
                 f.flush()
                 os.fsync(f.fileno())
         except BaseException:
-            for path in written:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
+            shutil.rmtree(staging, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.unlink(journal_temp)
             raise
         # The commit point: once the journal is in place, the new set is what the folder holds.
         os.replace(journal_temp, os.path.join(folder, JOURNAL_NAME))
@@ -190,3 +207,4 @@ def write_files(folder: str, writers: dict[str, Callable[[str], None]]) -> None:
         _fsync_dir(fd)
         os.unlink(os.path.join(folder, JOURNAL_NAME))
         _fsync_dir(fd)
+        shutil.rmtree(staging, ignore_errors=True)  # empty now, or holding a writer's stray temporaries
