@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ..config import LoraConfig
 from ..layers import LoRALinear
-from ..peft_io import check_tensors, read_adapter
+from ..peft_io import check_adapter, read_adapter
 from .layer import BatchState, PooledLinear
 
 
@@ -209,11 +209,8 @@ class AdapterPool:
                 )
             expected[f"{p}.lora_A.weight"] = ("A", p, (r, layer.in_features))
             expected[f"{p}.lora_B.weight"] = ("B", p, (layer.out_features, r))
-        check_tensors(file, tensors, expected, pad_rank=False)
-        # Any non-finite factor would poison every token of its slot: refuse it here, before writing.
-        for key in expected:
-            if not torch.isfinite(tensors[key]).all():
-                raise ValueError(f"{where}: key {key!r} holds NaN or infinite values. The pool is unchanged.")
+        # Keys, shapes, finite factors and scales: the one check every loading path runs.
+        check_adapter(file, config, tensors, expected, pad_rank=False)
         return {
             p: (tensors[f"{p}.lora_A.weight"], tensors[f"{p}.lora_B.weight"], config.scale_for(p)) for p in targets
         }
