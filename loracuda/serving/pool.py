@@ -154,14 +154,15 @@ class AdapterPool:
                     f"loracuda.AdapterPool: argument 'model' already has {what} at {path or '<root>'!r} "
                     f"({type(module).__name__}); give the pool a plain base model (merge_and_unload / unload first)"
                 )
-        if max_adapters > _MAX_IDS:
-            raise ValueError(
-                f"loracuda.AdapterPool: argument 'max_adapters' is {max_adapters}; adapter ids are int32, so at most {_MAX_IDS}"
-            )
         paths = LoraConfig(target_modules=target_modules).target_paths(model)
         if not paths:
             raise ValueError(f"loracuda.AdapterPool: no module of the model matched target_modules={target_modules!r}")
         _check_buffer_bytes(model, paths, max_adapters, max_rank)
+        if max_adapters > _MAX_IDS:
+            raise ValueError(
+                f"loracuda.AdapterPool: argument 'max_adapters' is {max_adapters}; adapter ids are int32, so at most {_MAX_IDS}"
+            )
+
         self.model = model
         self.max_adapters = max_adapters
         self.max_rank = max_rank
