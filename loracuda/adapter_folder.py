@@ -25,13 +25,17 @@ filesystem has no flock the journal alone still guarantees old-or-new after a ki
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import re
 import secrets
 import shutil
 from typing import Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # no flock (Windows): the journal alone keeps kills safe
+    fcntl = None
 
 JOURNAL_NAME = ".loracuda_save.journal"
 _STAGING = re.compile(r"\.loracuda_save\.[0-9a-f]+\.tmp")
@@ -79,7 +83,8 @@ def _locked(folder: str, exclusive: bool) -> Iterator[int]:
         return
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         except OSError as error:  # no flock on this filesystem: the journal still makes kills safe
             if error.errno not in (errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL):
                 raise
