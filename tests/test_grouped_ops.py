@@ -355,9 +355,9 @@ def test_grouped_lora_linear(device_name, case):
     def ref(x, w, a, b):
         return reference.grouped_lora_linear(x, w, a, b, ids, case.scale, case.p, seed)
 
-    got = run(ours, lambda t: t)
-    plain = run(ref, lambda t: t)
-    ref64 = run(ref, to64)
+    got = [t.detach() if t is not None else None for t in run(ours, lambda t: t)]
+    plain = [t.detach() if t is not None else None for t in run(ref, lambda t: t)]
+    ref64 = [t.detach() if t is not None else None for t in run(ref, to64)]
     for i, what in enumerate(("y", "grad_x", "grad_weight", "grad_a", "grad_b")):
         if got[i] is None:
             assert what == "grad_weight" and not weight_grad, f"{what} missing"
