@@ -154,14 +154,17 @@ PY
 }
 
 cuda_tests() {
-  local xdist=""
+  local options=""
   if [ "${GPU_CHECK_WORKERS:-4}" -gt 1 ] && "$PYTHON" -c "import xdist" 2>/dev/null; then
-    xdist="-n ${GPU_CHECK_WORKERS:-4}"
+    options="-n ${GPU_CHECK_WORKERS:-4}"
+    # A kernel that never returns (a barrier some threads skip) would hang the step: with pytest-timeout,
+    # its test's worker is ended after 150 s (reported as crashed) and a new worker takes the rest.
+    "$PYTHON" -c "import pytest_timeout" 2>/dev/null && options="$options --timeout=150 --timeout-method=thread"
   fi
   # OMP_NUM_THREADS: the workers share the CPU cores for the float64 references.
-  # shellcheck disable=SC2086  # $xdist is empty or two words
+  # shellcheck disable=SC2086  # $options: words on purpose
   OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} "$PYTHON" -m pytest -m cuda tests -v -p no:cacheprovider \
-    --durations=15 --junitxml="$SCRATCH/junit.xml" $xdist >"$RESULTS/tests.log" 2>&1
+    --durations=15 --junitxml="$SCRATCH/junit.xml" $options >"$RESULTS/tests.log" 2>&1
   local rc=$?
   tail -n 25 "$RESULTS/tests.log"
   [ "$rc" -eq 5 ] && echo "pytest collected no CUDA test: that is a failure here"
