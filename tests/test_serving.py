@@ -260,6 +260,7 @@ def test_factor_dtype_and_buffers(device):
     assert not isinstance(base.lm_head, loracuda.serving.PooledLinear)  # all-linear leaves the head out
     assert not any(p.requires_grad for p in base.parameters())
     assert not any("lora_a_all" in k for k in base.state_dict())
+    # float64 stays on the CPU (no float64 CUDA kernels).
     pool64 = AdapterPool(BUILDERS["mlp"](dtype=torch.float64), max_adapters=2, max_rank=2, target_modules=["fc1"])
     assert pool64.layer_paths == ["fc1"]
     assert pool64.model.fc1.lora_a_all.dtype == torch.float64
