@@ -232,7 +232,12 @@ def _pooled_forward(device, tmp_path):
     pool, tokens = _pool(device, tmp_path)
     batch = pool.batch(torch.tensor([2, -1, 2]).to(device))
     batch.__enter__()  # validated here, outside the check
-    return lambda: pool.model(tokens)
+
+    def run():
+        return pool.model(tokens)
+
+    run.close = lambda: batch.__exit__(None, None, None)  # the test closes the batch when done
+    return run
 
 
 SYNC_FREE = {
@@ -270,9 +275,12 @@ SYNC_FREE = {
 def test_documented_sync_free(case, device, tmp_path):
     use_device(device.type, *op_names())
     run = SYNC_FREE[case](device, tmp_path)
-    run()  # unchecked: lazy initialisation happens here
-    with host_syncs_raise(device):
-        outputs = run()
+    try:
+        run()  # unchecked: lazy initialisation happens here
+        with host_syncs_raise(device):
+            outputs = run()
+    finally:
+        getattr(run, "close", lambda: None)()
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     for i, out in enumerate(outputs):
         assert torch.isfinite(out).all(), f"{case}: output {i} is not finite"
