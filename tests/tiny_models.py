@@ -1,5 +1,5 @@
 """Small models for the model-level tests (random weights, built from configs: no downloads), and the
-tolerance rule of DESIGN.md §7 applied to whole-model outputs.
+tolerance rule (docs/design.md, section 'Tolerance rule') applied to whole-model outputs.
 
 Devices: every builder takes ``device`` (the weights are drawn on the CPU from the seed, then moved, so a
 model has the same weights on every device); ``logits`` runs the tokens on the model's device; the rule
