@@ -2,8 +2,9 @@
 //
 // Each op's checks run before anything is allocated or written, so a rejected call leaves every
 // tensor as it was. Messages name the op and the argument: "loracuda.merge_: argument 'lora_b' ...".
-// Shapes use the notation of DESIGN.md: x [M, K], lora_a [R, K] with R = S * r (S slices),
-// lora_b [N, r], y [M, N], weight [N, K] (or [K, N] when transposed).
+// Shapes use the notation of docs/design.md, section 'Math and memory passes': x [M, K],
+// lora_a [R, K] with R = S * r (S slices), lora_b [N, r], y [M, N], weight [N, K] (or [K, N] when
+// transposed).
 #pragma once
 #include <ATen/ATen.h>
 

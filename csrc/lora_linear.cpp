@@ -2,7 +2,7 @@
 //   y = x @ weight^T (+ bias)          the base GEMM (BLAS / cuBLAS), untouched
 //   h = shrink(x, lora_a, p, seed)     [M, R] float32
 //   expand_add_(y, h, lora_b, scale)   in place into y: one read-modify-write of y
-// Returns (y, h); the autograd formula (loracuda/functional.py) saves x, h and the seed.
+// Returns (y, h); the autograd formula (csrc/lora_linear_autograd.cpp) saves x, h and the seed.
 // Registered for CPU and CUDA alike: the ops it calls dispatch to the device's kernels.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>

@@ -1,5 +1,6 @@
-// The autograd formula of loracuda::lora_linear (DESIGN.md §3), registered for the Autograd key so that
-// the op is differentiable wherever it is called (loracuda.lora_linear, torch.compile'd graphs, C++).
+// The autograd formula of loracuda::lora_linear (docs/design.md, section 'Math and memory passes'),
+// registered for the Autograd key so that the op is differentiable wherever it is called
+// (loracuda.lora_linear, torch.compile'd graphs, C++).
 //
 // Forward: the CPU / CUDA kernel (csrc/lora_linear.cpp) below autograd. Saved: x, weight, lora_a,
 // lora_b, h [M, R] (float32) and the dropout seed; no dropout mask and no dropped copy of x.

@@ -1,5 +1,5 @@
 """LoraConfig: what to adapt and how, its conversion to and from PEFT's adapter_config.json, and the
-matching of module paths against target patterns (DESIGN.md §6).
+matching of module paths against target patterns (docs/design.md, section 'PEFT adapter format').
 
 Matching follows PEFT's rules so that a config means the same model on both sides:
 - ``target_modules`` as a list: a module matches when its path equals an entry or ends with ``"." + entry``;
@@ -21,6 +21,8 @@ import re
 from typing import Any, Optional, Union
 
 from torch import nn
+
+from .linear_kinds import is_conv1d, is_linear_like, linear_layout  # noqa: F401 (public here too)
 
 ALL_LINEAR = "all-linear"
 CONFIG_NAME = "adapter_config.json"
@@ -52,39 +54,6 @@ _PEFT_KNOWN = {
 # (any truthy value) is refused instead of being loaded as a silently different model.
 _UNSUPPORTED = ("use_dora", "lora_bias", "use_qalora", "use_bdlora", "layer_replication", "target_parameters",
                 "trainable_token_indices", "megatron_config")
-
-
-def _conv1d_class():
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except Exception:  # transformers is optional
-        return None
-    return Conv1D
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """True for transformers' Conv1D (a linear layer whose weight is stored [K, N])."""
-    cls = _conv1d_class()
-    return cls is not None and isinstance(module, cls)
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
-def linear_layout(base_layer: nn.Module, owner: str) -> tuple[bool, int, int]:
-    """(fan_in_fan_out, in_features K, out_features N) of an nn.Linear (weight [N, K]) or a transformers
-    Conv1D (weight [K, N], fan_in_fan_out True); TypeError naming ``owner``'s argument otherwise."""
-    if isinstance(base_layer, nn.Linear):
-        n, k = base_layer.weight.shape
-        return False, k, n
-    if is_conv1d(base_layer):
-        k, n = base_layer.weight.shape
-        return True, k, n
-    raise TypeError(
-        f"loracuda.{owner}: argument 'base_layer' must be an nn.Linear or transformers Conv1D, "
-        f"got {type(base_layer).__name__}"
-    )
 
 
 @dataclasses.dataclass

@@ -31,12 +31,6 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
             yield path, module
 
 
-def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, child, new)
-
-
 def _base(module: nn.Module) -> nn.Module:
     return module.base_layer if isinstance(module, LoRALinear) else module
 
@@ -99,7 +93,7 @@ def inject(model: nn.Module, config: LoraConfig = None, adapter: str = "default"
         module = model.get_submodule(path)
         if not isinstance(module, LoRALinear):
             module = LoRALinear(module)
-            _set_module(model, path, module)
+            model.set_submodule(path, module)
         module.add_adapter(
             adapter, config.rank_for(path), config.alpha_for(path), config.dropout, config.use_rslora, config.init
         )
@@ -163,7 +157,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     for p, layer in layers:
         layer.delete_adapter(name)
         if not layer.adapters:
-            _set_module(model, p, layer.base_layer)
+            model.set_submodule(p, layer.base_layer)
     table = dict(configs(model))
     table.pop(name, None)
     setattr(model, CONFIGS_ATTR, table)
@@ -257,7 +251,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     merge(model, exact=False)
     for path, layer in list(lora_layers(model)):
         layer.merged.clear()
-        _set_module(model, path, layer.base_layer)
+        model.set_submodule(path, layer.base_layer)
     if hasattr(model, CONFIGS_ATTR):
         delattr(model, CONFIGS_ATTR)
     return model
@@ -311,7 +305,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
             active = module.active_adapters if hasattr(module, "active_adapters") else [module.active_adapter]
             active = [a for a in active if a in module.modules_to_save]
             replacement = module.modules_to_save[active[0]] if active else module.original_module
-            _set_module(base, path, replacement)
+            base.set_submodule(path, replacement)
             continue
         layer = LoRALinear(inner_base)
         for n in module.lora_A:
@@ -324,6 +318,6 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         layer.active_adapters = [a for a in ([active] if isinstance(active, str) else active) if a in layer.lora_A]
         layer.disabled = bool(getattr(module, "disable_adapters", False))
         layer.train(module.training)
-        _set_module(base, path, layer)
+        base.set_submodule(path, layer)
     setattr(base, CONFIGS_ATTR, table)
     return base

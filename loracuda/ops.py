@@ -1,7 +1,8 @@
 """Typed Python wrappers over the torch.ops.loracuda ops, and their fake (meta) implementations.
 
-Notation (DESIGN.md §3): x [M, K] activations; lora_a [R, K] where R = S * r stacks S slices of rank r;
-lora_b [N, r]; h [M, R]; y [M, N]; weight [N, K] ([K, N] when ``transposed``). Activations are
+Notation (docs/design.md, section 'Math and memory passes'): x [M, K] activations; lora_a [R, K]
+where R = S * r stacks S slices of rank r; lora_b [N, r]; h [M, R]; y [M, N]; weight [N, K] ([K, N] when
+``transposed``). Activations are
 float32, bfloat16 or float16 (float64 on the CPU, for gradcheck); adapter factors are in the
 activations' dtype or float32. Accumulation is float32 (float64 for float64 inputs), so ``h`` is
 float32. Every op runs on the current CUDA stream without a host synchronisation.
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import _extension  # noqa: F401  (registers torch.ops.loracuda)
+from . import fake_checks
 
 Seed = Union[None, int, Tensor]
 _ops = torch.ops.loracuda
@@ -152,24 +154,28 @@ def _check_same_device(op: str, ref_name: str, ref: Tensor, **tensors: Optional[
 @torch.library.register_fake("loracuda::shrink")
 def _shrink_fake(x, lora_a, dropout_p, seed):
     _check_same_device("shrink", "x", x, lora_a=lora_a)
+    fake_checks.shrink(x, lora_a, dropout_p, seed)
     return x.new_empty((x.shape[0], lora_a.shape[0]), dtype=accumulate_dtype(x.dtype))
 
 
 @torch.library.register_fake("loracuda::expand_add_")
 def _expand_add_fake(y, h, lora_b, scale, slice_offsets):
     _check_same_device("expand_add_", "y", y, h=h, lora_b=lora_b)
+    fake_checks.expand_add(y, h, lora_b, slice_offsets)
     return None
 
 
 @torch.library.register_fake("loracuda::merge_")
 def _merge_fake(weight, lora_a, lora_b, scale, transposed):
     _check_same_device("merge_", "weight", weight, lora_a=lora_a, lora_b=lora_b)
+    fake_checks.merge(weight, lora_a, lora_b, transposed, "merge_")
     return None
 
 
 @torch.library.register_fake("loracuda::restore_codes")
 def _restore_codes_fake(weight, lora_a, lora_b, scale, transposed):
     _check_same_device("restore_codes", "weight", weight, lora_a=lora_a, lora_b=lora_b)
+    fake_checks.merge(weight, lora_a, lora_b, transposed, "restore_codes")
     return weight.new_empty(((weight.numel() + 3) // 4,), dtype=torch.uint8)
 
 
@@ -178,12 +184,17 @@ def _unmerge_exact_fake(weight, lora_a, lora_b, scale, transposed, codes, escape
     _check_same_device(
         "unmerge_exact_", "weight", weight, lora_a=lora_a, lora_b=lora_b, codes=codes, escape_values=escape_values
     )
+    fake_checks.merge(weight, lora_a, lora_b, transposed, "unmerge_exact_")
+    fake_checks.restore_codes(weight, codes, "unmerge_exact_")
+    if escape_values is not None:
+        fake_checks.escape_values(weight, escape_values, "unmerge_exact_")
     return None
 
 
 @torch.library.register_fake("loracuda::merge_exact_")
 def _merge_exact_fake(weight, lora_a, lora_b, scale, transposed, max_record_bytes):
     _check_same_device("merge_exact_", "weight", weight, lora_a=lora_a, lora_b=lora_b)
+    fake_checks.merge(weight, lora_a, lora_b, transposed, "merge_exact_")
     codes = weight.new_empty(((weight.numel() + 3) // 4,), dtype=torch.uint8)
     escapes = torch.library.get_ctx().new_dynamic_size()  # the number of code-3 elements: data-dependent
     return codes, weight.new_empty((escapes,))
@@ -192,6 +203,7 @@ def _merge_exact_fake(weight, lora_a, lora_b, scale, transposed, max_record_byte
 @torch.library.register_fake("loracuda::backward")
 def _backward_fake(grad_y, x, h, lora_a, lora_b, scale, dropout_p, seed, slice_offsets, grad_x):
     _check_same_device("backward", "x", x, grad_y=grad_y, h=h, lora_a=lora_a, lora_b=lora_b, grad_x=grad_x)
+    fake_checks.backward(grad_y, x, h, lora_a, lora_b, dropout_p, seed, slice_offsets, grad_x)
     return torch.empty_like(lora_a, memory_format=torch.contiguous_format), torch.empty_like(
         lora_b, memory_format=torch.contiguous_format
     )
@@ -200,6 +212,7 @@ def _backward_fake(grad_y, x, h, lora_a, lora_b, scale, dropout_p, seed, slice_o
 @torch.library.register_fake("loracuda::lora_linear")
 def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, slice_offsets):
     _check_same_device("lora_linear", "x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
+    fake_checks.lora_linear(x, weight, bias, lora_a, lora_b, dropout_p, seed, slice_offsets)
     y = x.new_empty((x.shape[0], weight.shape[0]))
     h = x.new_empty((x.shape[0], lora_a.shape[0]), dtype=accumulate_dtype(x.dtype))
     return y, h
@@ -208,6 +221,7 @@ def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed, s
 @torch.library.register_fake("loracuda::multi_shrink")
 def _multi_shrink_fake(x, lora_a_all, ranks, adapter_ids, num_slices):
     _check_same_device("multi_shrink", "x", x, lora_a_all=lora_a_all, ranks=ranks, adapter_ids=adapter_ids)
+    fake_checks.multi_shrink(x, lora_a_all, ranks, adapter_ids, num_slices)
     return x.new_empty((x.shape[0], lora_a_all.shape[1]), dtype=accumulate_dtype(x.dtype))
 
 
@@ -216,4 +230,5 @@ def _multi_expand_add_fake(y, h, lora_b_all, scales, ranks, adapter_ids, slice_o
     _check_same_device(
         "multi_expand_add_", "y", y, h=h, lora_b_all=lora_b_all, scales=scales, ranks=ranks, adapter_ids=adapter_ids
     )
+    fake_checks.multi_expand_add(y, h, lora_b_all, scales, ranks, adapter_ids, slice_offsets)
     return None

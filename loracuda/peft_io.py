@@ -1,4 +1,5 @@
-"""Adapter files in PEFT's folder format (DESIGN.md §6): save_adapter, load_adapter, hot_swap.
+"""Adapter files in PEFT's folder format (docs/design.md, section 'PEFT adapter format'): save_adapter, load_adapter,
+hot_swap.
 
 A folder holds adapter_config.json (PEFT's keys; unknown keys kept from loading are written back) and
 adapter_model.safetensors (metadata {"format": "pt"}) with, adapter name removed:

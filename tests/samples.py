@@ -3,7 +3,8 @@
 Every test module draws its inputs from here (comparison with loracuda.reference, opcheck, gradient
 checks, torch.compile), so a shape, dtype or layout added to the grid reaches all of them.
 
-A ``Case`` names the sizes (DESIGN.md notation: x [M, K], lora_a [R, K] with R = S * r, lora_b [N, r],
+A ``Case`` names the sizes (notation of docs/design.md, section 'Math and memory passes': x [M, K], lora_a [R, K]
+with R = S * r, lora_b [N, r],
 y [M, N], weight [N, K] or [K, N] when transposed), the dtypes of the values and of the adapter
 factors, the dropout probability, the memory layout of the inputs and how the values are drawn:
 

@@ -6,7 +6,8 @@ The ranks are separate Python processes (tests/distributed_workers.py) started w
 free port; each test bounds their time (TIMEOUT_S), kills them on failure or timeout, and removes its
 temporary folder; the workers destroy their process group on the way out. Gradients of a data-parallel step are the average of the ranks' gradients, which
 rounds differently from the single-process gradient of the whole batch: they are compared under
-DESIGN.md §7's gradient factor against a float64 single-process run, and between ranks exactly.
+the gradient factor of docs/design.md, section 'Tolerance rule', against a float64 single-process run, and between
+ranks exactly.
 """
 
 import os

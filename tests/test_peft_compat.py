@@ -1,5 +1,6 @@
 """Same adapter, same logits: loracuda against PEFT on Llama, GPT-2 and a plain MLP, in float32 and
-bfloat16, whichever side wrote the adapter file (the tolerance rule, DESIGN.md §7; the float64
+bfloat16, whichever side wrote the adapter file (the tolerance rule, docs/design.md, section 'Tolerance rule'; the
+float64
 reference is PEFT's model in float64 over the same, already rounded, base weights)."""
 
 import copy

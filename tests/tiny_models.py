@@ -1,5 +1,5 @@
 """Small models for the model-level tests (random weights, built from configs: no downloads), and the
-tolerance rule of DESIGN.md §7 applied to whole-model outputs."""
+tolerance rule (docs/design.md, section 'Tolerance rule') applied to whole-model outputs."""
 
 import copy
 

@@ -1,4 +1,5 @@
-// backward of one LoRA linear layer (formulas in csrc/ops.cpp, DESIGN.md §3), in two passes:
+// backward of one LoRA linear layer (formulas in csrc/ops.cpp, docs/design.md, section 'Math and memory passes'), in
+// two passes:
 //
 //   pass over grad_y:  g      [M, R] = scale * grad_y[:, slice i] @ b[slice i]    (float32 scratch p.g)
 //                      grad_b [N, r] = scale * grad_y^T @ h (slice-wise)

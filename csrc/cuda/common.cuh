@@ -1,7 +1,7 @@
 // Device helpers shared by the loracuda kernels: dtype dispatch, float conversion, 16-byte vector
 // access of 8 consecutive elements, the dropout of one element, the merge delta, and the inner
 // products of the shrink and expand tiles (float32 FMA, and the tensor-core warp tile on mma.cuh).
-// CUDA headers only (no torch): see DESIGN.md §2.
+// CUDA headers only (no torch): see docs/design.md, section 'Architecture'.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

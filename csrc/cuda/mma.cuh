@@ -1,7 +1,8 @@
 // One tensor-core instruction for the shrink kernels: the warp-wide matrix multiply-accumulate
 //   mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32   D [16 x 8] = A [16 x 16] B [16 x 8] + C
 // with bf16 or fp16 operands and float32 accumulators (products of two 16-bit values are exact in
-// float32; the sums are float32). CUDA headers only (no torch): see DESIGN.md §2 and §4.
+// float32; the sums are float32). CUDA headers only (no torch): see docs/design.md, sections 'Architecture' and
+// 'CUDA kernel notes'.
 // Status: compiled for sm_80 / sm_90 (HMMA.16816.F32[.BF16] in the SASS), not yet run on a GPU.
 //
 // Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"). For lane

@@ -22,7 +22,8 @@
 //    K through mma.sync m16n8k16 (common.cuh: shrink_warp_mma), reading only the rows within the
 //    adapter's rank; if not, its tokens take the decode path's per-token work one by one. No shared
 //    memory, no barrier. float32 a keeps the FMA kernel (rounding it to 16 bits would add an error
-//    plain PyTorch does not make, DESIGN.md §7). Compiled (no spills on sm_80 / sm_90), not yet run
+//    plain PyTorch does not make, docs/design.md, section 'Tolerance rule'). Compiled (no spills on sm_80 / sm_90),
+// not yet run
 //    on a GPU.
 //
 // Split-K partials of shrink go to a workspace [splits, M, R] whose size depends on the shapes and

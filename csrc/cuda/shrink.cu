@@ -22,7 +22,8 @@
 // (common.cuh: shrink_warp_mma; mma.cuh: the layouts). The warps share nothing (no shared memory,
 // no barrier); split-K and its ordered reduction are as above. Dropout zeroes the dropped x elements
 // (exact in 16 bits) and multiplies the float32 sums by the keep scale. float32 a with 16-bit x keeps
-// the FMA path: rounding a to 16 bits would add an error plain PyTorch does not make (DESIGN.md §7).
+// the FMA path: rounding a to 16 bits would add an error plain PyTorch does not make (docs/design.md, section
+// 'Tolerance rule').
 // The MMA path is compiled (no spills on sm_80 / sm_90) but has not been run on a GPU yet.
 //
 // Remaining (not done here): x is re-read (from L2) once per rank tile when R > 16 (FMA) or R > 32

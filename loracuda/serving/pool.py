@@ -39,12 +39,6 @@ from ..peft_io import check_tensors, read_adapter
 from .layer import BatchState, PooledLinear
 
 
-def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, child, new)
-
-
 def _is_peft_module(module: nn.Module) -> bool:
     """A PEFT model or tuner layer (PEFT's classes live in the peft package)."""
     return any(cls.__module__.split(".")[0] == "peft" for cls in type(module).__mro__)
@@ -119,7 +113,7 @@ class AdapterPool:
         self._sources: list[Optional[str]] = [None] * max_adapters
         layers = {path: PooledLinear(model.get_submodule(path), max_adapters, max_rank, self._state) for path in paths}
         for path, layer in layers.items():
-            _set_module(model, path, layer)
+            model.set_submodule(path, layer)
         self._layers: dict[str, PooledLinear] = layers
         model.requires_grad_(False)
 

@@ -3,7 +3,8 @@ given tensors and returned as a ``Bench`` (a callable to time, and an optional u
 
 loracuda   the compiled ops (torch.ops.loracuda) and loracuda.lora_linear
 peft       PEFT's LoRA layer (peft.tuners.lora.Linear), when peft is installed
-reference  the plain-PyTorch definitions in loracuda/reference.py (autograd for the layer)
+reference  the plain-PyTorch definitions in loracuda/reference.py (autograd for the layer; a model's
+           layers switch to it with loracuda.layers.use_impl(model, "reference"))
 addmm      the recipe of fast training libraries: the base GEMM, then the adapter folded in with
            addmm_ (alpha = scale) in forward and backward; dropout, where asked for, materialises a
            mask as any eager code does
@@ -14,7 +15,6 @@ never feed another's. In-place ops are timed repeatedly on the same buffers; the
 (scale * B A of about 1e-2 per call), so the drift over a run stays far from overflow.
 """
 
-import contextlib
 import importlib.util
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import ops, reference
-from ..functional import lora_linear
+from loracuda import ops, reference
+from loracuda.functional import lora_linear
 
 
 @dataclass
@@ -270,27 +270,3 @@ def layer_bench(
 
         return Bench(step)
     raise ValueError(f"unknown layer mode {mode!r}")
-
-
-def reference_layer_call(
-    x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, training=False, seed=None, slice_offsets=()
-):
-    """The plain-PyTorch formula of loracuda.reference with loracuda.lora_linear's signature, so that a
-    patched model's layers can be timed on it (the demo and the train suite swap it in for lora_linear)."""
-    p = dropout_p if training else 0.0
-    if p > 0.0 and seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)))
-    return reference.lora_linear(x, weight, bias, lora_a, lora_b, scale, p, seed, slice_offsets)
-
-
-@contextlib.contextmanager
-def lora_layers_calling(call):
-    """Within the block, every loracuda.LoRALinear forward calls ``call`` instead of lora_linear."""
-    from .. import layers
-
-    original = layers.lora_linear
-    layers.lora_linear = call
-    try:
-        yield
-    finally:
-        layers.lora_linear = original

@@ -7,17 +7,18 @@ in Llama), so the suite needs no download and no transformers. Full size: hidden
 2 layers, 2 x 128 tokens. Bytes and FLOPs count the frozen base GEMMs (forward and input gradient).
 """
 
-import contextlib
 import copy
 
 import torch
 from torch.nn import functional as F
 
-from .. import tiny_llama
-from ..config import LoraConfig
-from ..inject import inject
-from . import providers as P
-from .suites import Case, SuiteContext, element_size, register_suite
+from loracuda import tiny_llama
+from loracuda.config import LoraConfig
+from loracuda.inject import inject
+from loracuda.layers import use_impl
+
+from bench.harness import providers as P
+from bench.harness.cases import Case, SuiteContext, element_size, register_suite
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA = 16, 32
@@ -71,15 +72,15 @@ def _copy_factors(ours: torch.nn.Module, theirs: torch.nn.Module) -> None:
             param.copy_(mine[key])
 
 
-def make_step(model: torch.nn.Module, ids: torch.Tensor, call=None):
+def make_step(model: torch.nn.Module, ids: torch.Tensor, impl: str = "kernels"):
     """One training step (forward, cross-entropy, backward, AdamW on the trainable parameters; lr 1e-3)
-    as a function returning the loss (a 0-dim tensor); ``call`` replaces the layers' lora_linear while
-    the step runs (the reference provider)."""
+    as a function returning the loss (a 0-dim tensor); ``impl`` is the LoRA layers' implementation
+    while the step runs ("reference": the plain-PyTorch formula, see loracuda.layers.use_impl)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)
 
     def step() -> torch.Tensor:
-        with P.lora_layers_calling(call) if call is not None else contextlib.nullcontext():
+        with use_impl(model, impl):
             logits = model(ids[:, :-1])
             loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
             optimizer.zero_grad(set_to_none=True)
@@ -139,7 +140,7 @@ def compare_curves(curves: dict, p: float) -> tuple[bool, str]:
     return ok, line
 
 
-# The issue's goal: loracuda's step at least 1.15x (dropout 0.1) and 1.05x (dropout 0) PEFT's tokens/s,
+# The project's goal: loracuda's step at least 1.15x (dropout 0.1) and 1.05x (dropout 0) PEFT's tokens/s,
 # i.e. at most 1 / 1.15 and 1 / 1.05 of PEFT's step time.
 TARGETS_VS_PEFT = {0.0: 1.0 / 1.05, 0.1: 1.0 / 1.15}
 
@@ -162,8 +163,7 @@ def train_suite(ctx: SuiteContext) -> list:
             models, ids = build_models(s, p, dev, dtype, with_peft, with_reference)
             benches = {}
             for name, model in models.items():
-                call = P.reference_layer_call if name == "reference" else None
-                step = make_step(model, ids, call)
+                step = make_step(model, ids, "reference" if name == "reference" else "kernels")
                 benches[name] = P.Bench(step)
             return benches
 

@@ -17,12 +17,14 @@ import torch
 
 @dataclass(frozen=True)
 class Timing:
-    """Seconds per call: median, 20th and 80th percentile over ``repeats`` timed calls."""
+    """Seconds per call: median, 20th and 80th percentile over ``repeats`` timed calls; ``samples``: every
+    timed call's seconds in the order taken (for measure_interleaved: sample i comes from round i)."""
 
     median_s: float
     p20_s: float
     p80_s: float
     repeats: int
+    samples: tuple = ()
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -131,6 +133,7 @@ def measure(
         p20_s=percentile(samples, 0.2),
         p80_s=percentile(samples, 0.8),
         repeats=len(samples),
+        samples=tuple(samples),
     )
 
 
@@ -207,6 +210,7 @@ def measure_interleaved(
             p20_s=percentile(values, 0.2),
             p80_s=percentile(values, 0.8),
             repeats=len(values),
+            samples=tuple(values),
         )
     return timings, errors
 

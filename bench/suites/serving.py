@@ -15,17 +15,18 @@ import tempfile
 
 import torch
 
-from .. import tiny_llama
-from ..config import LoraConfig
-from ..inject import inject, lora_layers
-from ..peft_io import save_adapter
-from ..serving import AdapterPool
-from . import providers as P
-from .suites import Case, SuiteContext, element_size, register_suite
-from .train_suite import TARGETS
+from loracuda import tiny_llama
+from loracuda.config import LoraConfig
+from loracuda.inject import inject, lora_layers
+from loracuda.peft_io import save_adapter
+from loracuda.serving import AdapterPool
+
+from bench.harness import providers as P
+from bench.harness.cases import Case, SuiteContext, element_size, register_suite
+from bench.suites.train import TARGETS
 
 RANK, ALPHA = 16, 32
-# The targets for the pool's forward time over the base model's, by number of adapters.
+# The project's goals for the pool's forward time over the base model's, by number of adapters.
 SERVING_TARGETS = {8: 1.08, 32: 1.10}
 
 

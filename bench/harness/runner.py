@@ -4,11 +4,25 @@ The providers of a case are timed round-robin (timer.measure_interleaved), so lo
 on a shared machine falls on all of them alike. For each case and provider: median / p20 / p80
 time (ms), achieved GB/s and TFLOP/s (the case's bytes and FLOPs over the median time) and their
 share of the measured ceilings, the ratio of the provider's time to loracuda's (``x_loracuda``;
-> 1: the provider is slower) and, for layer cases, to the base layer's (``x_base``). A provider
+> 1: the provider is slower) and, for cases with a baseline, to the baseline's (``x_base``). A provider
 that fails records its error and the run goes on.
+
+Per round: every provider's samples are kept (``samples_ms``, sample i from round i), and the case
+records loracuda's time over an anchor provider's within each round (``per_round``: the anchor, and the
+median, 20th and 80th percentile of those ratios). The anchor (the case's baseline, else the addmm_
+recipe, else any other provider that does not run loracuda) runs no loracuda code, so load from
+elsewhere that slows a whole round cancels in the ratio while a change in loracuda's kernels does not:
+`--compare` compares these (results.py).
+
+Test hook: LORACUDA_BENCH_INJECT_SLOWDOWN="TEXT:FRACTION" (e.g. "merge_:0.15") makes loracuda's timed
+call in every case whose id contains TEXT take (1 + FRACTION) times as long, by a busy wait after the
+call (CPU only), so that tests can show what --compare makes of a known slow-down.
 """
 
 import gc
+import os
+import statistics
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -16,10 +30,41 @@ import torch
 
 from . import memory
 from .ceilings import CeilingMeter, dtype_name
-from .suites import Case, SuiteContext, suites
-from .timer import TimerConfig, measure_interleaved
+from .cases import Case, SuiteContext, suites
+from .timer import TimerConfig, measure_interleaved, percentile
 
 PROVIDER_ORDER = ("loracuda", "base", "peft", "addmm", "reference")
+ANCHOR_ORDER = ("addmm", "base", "single", "peft")  # after the case's baseline
+INJECT_ENV = "LORACUDA_BENCH_INJECT_SLOWDOWN"
+
+
+def injected_slowdown() -> Optional[tuple[str, float]]:
+    """(case id text, fraction) from LORACUDA_BENCH_INJECT_SLOWDOWN, or None; ValueError if malformed."""
+    text = os.environ.get(INJECT_ENV, "").strip()
+    if not text:
+        return None
+    match, sep, fraction = text.rpartition(":")
+    try:
+        value = float(fraction)
+    except ValueError:
+        value = -1.0
+    if not sep or not match or not value > 0.0:
+        raise ValueError(f"{INJECT_ENV} must be 'CASE_TEXT:FRACTION' with FRACTION > 0, got {text!r}")
+    return match, value
+
+
+def slowed(fn: Callable, fraction: float) -> Callable:
+    """fn, followed by a busy wait of ``fraction`` times the call's own duration (inside the timed region)."""
+
+    def call(*args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        end = time.perf_counter() + (time.perf_counter() - t0) * fraction
+        while time.perf_counter() < end:
+            pass
+        return out
+
+    return call
 
 
 @dataclass(frozen=True)
@@ -29,13 +74,17 @@ class RunOptions:
     quick: bool = False
     tiny: bool = False
     case_filter: Optional[str] = None  # keep cases whose id contains this text
+    rounds: Optional[int] = None  # a fixed number of timing rounds instead of the time budget
 
 
 def timer_config(options: RunOptions) -> TimerConfig:
+    if options.rounds is not None:
+        warmup = 2 if options.tiny else 1 if options.quick else 3
+        return TimerConfig(warmup=warmup, repeats=options.rounds, min_repeats=options.rounds, budget_s=0.0)
     if options.tiny:
-        return TimerConfig(warmup=1, repeats=5, min_repeats=3, budget_s=0.05)
+        return TimerConfig(warmup=2, repeats=25, min_repeats=9, budget_s=0.1)
     if options.quick:
-        return TimerConfig(warmup=1, repeats=10, min_repeats=3, budget_s=0.5)
+        return TimerConfig(warmup=1, repeats=15, min_repeats=7, budget_s=0.5)
     return TimerConfig(warmup=3, repeats=50, min_repeats=7, budget_s=4.0)
 
 
@@ -90,6 +139,12 @@ def run_case(
     except Exception as error:  # a case that cannot even be set up is reported, not fatal
         record["error"] = _error_text(error)
         return record
+    inject = injected_slowdown()
+    if inject is not None and inject[0] in case.case_id and "loracuda" in benches:
+        if options.device.type != "cpu":
+            raise ValueError(f"{INJECT_ENV} is a CPU-only test hook (its busy wait is on the host clock)")
+        benches["loracuda"].fn = slowed(benches["loracuda"].fn, inject[1])
+        record["notes"].append(f"test hook: loracuda slowed by {100 * inject[1]:.0f}% ({INJECT_ENV})")
     order = _ordered(benches)
     progress(f"{case.case_id} [{', '.join(order)}]")
     timings, errors = measure_interleaved(
@@ -109,6 +164,7 @@ def run_case(
             "p20_ms": timing.p20_s * 1e3,
             "p80_ms": timing.p80_s * 1e3,
             "repeats": timing.repeats,
+            "samples_ms": [round(t * 1e3, 6) for t in timing.samples],
             "GBps": nbytes / timing.median_s / 1e9,
             "TFLOPs": flops / timing.median_s / 1e12,
             "pct_copy_bw": 100.0 * nbytes / timing.median_s / copy_bw,
@@ -125,6 +181,7 @@ def run_case(
     if options.device.type == "cuda":
         torch.cuda.empty_cache()
     _add_ratios(record)
+    _add_per_round(record, case.baseline)
     if case.measure_memory:
         record["memory_method"] = memory.method(options.device)
     return record
@@ -144,6 +201,29 @@ def _add_ratios(record: dict) -> None:
         for entry in results.values():
             if "median_ms" in entry:
                 entry[key] = entry["median_ms"] / ref_time
+
+
+def _add_per_round(record: dict, baseline: Optional[str]) -> None:
+    """record["per_round"]: loracuda's time over the anchor's within each round (see the module docstring)."""
+    results = record["results"]
+    ours = results.get("loracuda", {}).get("samples_ms")
+    if not ours:
+        return
+    for anchor in ([baseline] if baseline else []) + [p for p in ANCHOR_ORDER if p != baseline]:
+        theirs = results.get(anchor, {}).get("samples_ms")
+        if anchor == "loracuda" or not theirs:
+            continue
+        ratios = [a / b for a, b in zip(ours, theirs) if b > 0]
+        if not ratios:
+            continue
+        record["per_round"] = {
+            "anchor": anchor,
+            "median": statistics.median(ratios),
+            "p20": percentile(ratios, 0.2),
+            "p80": percentile(ratios, 0.8),
+            "rounds": len(ratios),
+        }
+        return
 
 
 def run(
