@@ -27,8 +27,8 @@ constexpr int kBStride = kRankChunk + 4;
 template <typename TY, typename TB>
 __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandParams p, int64_t b_n_stride, int64_t b_j_stride,
                                                           bool y_vec) {
-  __shared__ __align__(16) float b_s[kBlockCols * kBStride];
-  __shared__ __align__(16) float h_s[kBlockRows * kMaxSlices * kRankChunk];
+  LORACUDA_SHARED(float, b_s, kBlockCols * kBStride);
+  LORACUDA_SHARED(float, h_s, kBlockRows * kMaxSlices * kRankChunk);
 
   const int tx = threadIdx.x & 31;
   const int ty = threadIdx.x >> 5;
@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandParams p, 
       const int nl = b_j_stride == 1 ? q / kRankChunk : q % kBlockCols;
       const int64_t n = n_tile0 + nl, j = j0 + jj;
       const float v = (n < N && j < r) ? load_float(b + n * b_n_stride + j * b_j_stride) : 0.0f;
-      b_s[((nl & 7) * 32 + (nl >> 3)) * kBStride + jj] = v;
+      shared_store(b_s + ((nl & 7) * 32 + (nl >> 3)) * kBStride + jj, v);
     }
     // h chunk: (row, slice, jj) at (row * S + slice) * 16 + jj.
     const int h_count = kBlockRows * S * kRankChunk;
@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandParams p, 
       const int s = rem / kRankChunk;
       const int jj = rem - s * kRankChunk;
       const int64_t m = m_tile0 + row, j = j0 + jj;
-      h_s[q] = (m < M && j < r) ? h[m * h_width + s * r + j] : 0.0f;
+      shared_store(h_s + q, (m < M && j < r) ? h[m * h_width + s * r + j] : 0.0f);
     }
     __syncthreads();
 
@@ -127,8 +127,8 @@ cudaError_t launch_expand_add(const ExpandParams& p) {
   return dispatch_value_adapter(p.y_dtype, p.b_dtype, [&](auto ty, auto tb) {
     using TY = typename decltype(ty)::type;
     using TB = typename decltype(tb)::type;
-    expand_kernel<TY, TB><<<grid, kThreads, 0, p.stream>>>(p, b_n_stride, b_j_stride, y_vec);
-    return cudaGetLastError();
+    return launch_kernel(LORACUDA_KERNEL(expand_kernel<TY, TB>), grid, kThreads, p.stream, p, b_n_stride, b_j_stride,
+                         y_vec);
   });
 }
 

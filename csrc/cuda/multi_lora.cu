@@ -180,7 +180,7 @@ template <typename TX, typename TA>
 __global__ void __launch_bounds__(kPrefillThreads, sizeof(TX) == 2 ? 2 : 1)
     multi_shrink_prefill_kernel(const MultiShrinkParams p, int64_t chunks_per_split, bool x_vec, bool a_vec,
                                 float* __restrict__ out) {
-  __shared__ __align__(16) float a_s[kKChunk * kAStride];
+  LORACUDA_SHARED(float, a_s, kKChunk * kAStride);
 
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -232,7 +232,7 @@ __global__ void __launch_bounds__(kPrefillThreads, sizeof(TX) == 2 ? 2 : 1)
       const int kl = q - jl * kKChunk;
       const int64_t k = k_tile0 + kl;
       const float v = ((used >> jl) & 1u) && k < K ? load_float(a + (j0 + jl) * K + k) : 0.0f;
-      a_s[((kl & 7) * 32 + (kl >> 3)) * kAStride + jl] = v;
+      shared_store(a_s + ((kl & 7) * 32 + (kl >> 3)) * kAStride + jl, v);
     }
     __syncthreads();
 
@@ -464,8 +464,8 @@ template <typename TY, typename TB>
 // fp16 variants at 128 registers and spilled (about 180-226 are needed; see the file header).
 __global__ void __launch_bounds__(kPrefillThreads, 1)
     multi_expand_prefill_kernel(const MultiExpandParams p, bool y_vec, bool b_vec, bool h_vec) {
-  __shared__ __align__(16) float b_s[kBlockCols * kBStride];
-  __shared__ __align__(16) float h_s[kTileRows * kMaxSlices * kRankChunk];
+  LORACUDA_SHARED(float, b_s, kBlockCols * kBStride);
+  LORACUDA_SHARED(float, h_s, kTileRows * kMaxSlices * kRankChunk);
 
   const int tx = threadIdx.x & 31;
   const int ty = threadIdx.x >> 5;
@@ -517,7 +517,7 @@ __global__ void __launch_bounds__(kPrefillThreads, 1)
       const int64_t n = n_tile0 + nl;
       const int j = j0 + jj;
       const float v = n < N && j < rank ? load_float(b + n * r_max + j) : 0.0f;
-      b_s[((nl & 7) * 32 + (nl >> 3)) * kBStride + jj] = v;
+      shared_store(b_s + ((nl & 7) * 32 + (nl >> 3)) * kBStride + jj, v);
     }
     // h chunk: (row, slice, jj) at (row * S + slice) * 16 + jj; 0 for m >= M or j >= rank.
     const int h_count = kTileRows * S * kRankChunk;
@@ -528,7 +528,7 @@ __global__ void __launch_bounds__(kPrefillThreads, 1)
       const int jj = rem - s * kRankChunk;
       const int64_t m = m_tile0 + row;
       const int j = j0 + jj;
-      h_s[q] = m < M && j < rank ? h[m * h_width + s * r_max + j] : 0.0f;
+      shared_store(h_s + q, m < M && j < rank ? h[m * h_width + s * r_max + j] : 0.0f);
     }
     __syncthreads();
 
@@ -584,33 +584,25 @@ cudaError_t launch_multi_shrink(const MultiShrinkParams& p) {
       if (plan.mma) {
         const dim3 grid(static_cast<unsigned>(prefill_blocks), 1, static_cast<unsigned>(plan.splits));
         const auto launch = [&](auto kernel) {
-          kernel<<<grid, kMmaThreads, 0, p.stream>>>(p, plan.chunks_per_split, x_vec, a_vec, out);
+          return launch_kernel(kernel, grid, kMmaThreads, p.stream, p, plan.chunks_per_split, x_vec, a_vec, out);
         };
-        if (plan.ntiles == 1) {
-          launch(multi_shrink_prefill_mma_kernel<TX, 1>);
-        } else if (plan.ntiles == 2) {
-          launch(multi_shrink_prefill_mma_kernel<TX, 2>);
-        } else {
-          launch(multi_shrink_prefill_mma_kernel<TX, 4>);
-        }
-        return cudaGetLastError();
+        if (plan.ntiles == 1) return launch(LORACUDA_KERNEL(multi_shrink_prefill_mma_kernel<TX, 1>));
+        if (plan.ntiles == 2) return launch(LORACUDA_KERNEL(multi_shrink_prefill_mma_kernel<TX, 2>));
+        return launch(LORACUDA_KERNEL(multi_shrink_prefill_mma_kernel<TX, 4>));
       }
     }
     if (plan.decode) {
-      multi_shrink_decode_kernel<TX, TA><<<static_cast<unsigned>(decode_blocks), kDecodeShrinkThreads, 0, p.stream>>>(
-          p, plan.chunks_per_split, plan.splits, x_vec, a_vec, out);
-    } else {
-      const dim3 grid(static_cast<unsigned>(prefill_blocks), 1, static_cast<unsigned>(plan.splits));
-      multi_shrink_prefill_kernel<TX, TA><<<grid, kPrefillThreads, 0, p.stream>>>(p, plan.chunks_per_split, x_vec,
-                                                                                 a_vec, out);
+      return launch_kernel(LORACUDA_KERNEL(multi_shrink_decode_kernel<TX, TA>), static_cast<unsigned>(decode_blocks),
+                           kDecodeShrinkThreads, p.stream, p, plan.chunks_per_split, plan.splits, x_vec, a_vec, out);
     }
-    return cudaGetLastError();
+    const dim3 grid(static_cast<unsigned>(prefill_blocks), 1, static_cast<unsigned>(plan.splits));
+    return launch_kernel(LORACUDA_KERNEL(multi_shrink_prefill_kernel<TX, TA>), grid, kPrefillThreads, p.stream, p,
+                         plan.chunks_per_split, x_vec, a_vec, out);
   });
   if (err != cudaSuccess || plan.splits == 1) return err;
   const int64_t count = p.m * p.rank;
-  multi_shrink_reduce_kernel<<<grid_cap((count + 255) / 256, p.num_sms), 256, 0, p.stream>>>(p.workspace, p.h, count,
-                                                                                             plan.splits);
-  return cudaGetLastError();
+  return launch_kernel(LORACUDA_KERNEL(multi_shrink_reduce_kernel), grid_cap((count + 255) / 256, p.num_sms), 256,
+                       p.stream, p.workspace, p.h, count, plan.splits);
 }
 
 cudaError_t launch_multi_expand_add(const MultiExpandParams& p) {
@@ -632,13 +624,11 @@ cudaError_t launch_multi_expand_add(const MultiExpandParams& p) {
     using TY = typename decltype(ty)::type;
     using TB = typename decltype(tb)::type;
     if (decode) {
-      multi_expand_decode_kernel<TY, TB>
-          <<<static_cast<unsigned>(blocks), kDecodeExpandThreads, 0, p.stream>>>(p, y_vec, b_vec, h_vec);
-    } else {
-      multi_expand_prefill_kernel<TY, TB>
-          <<<static_cast<unsigned>(blocks), kPrefillThreads, 0, p.stream>>>(p, y_vec, b_vec, h_vec);
+      return launch_kernel(LORACUDA_KERNEL(multi_expand_decode_kernel<TY, TB>), static_cast<unsigned>(blocks),
+                           kDecodeExpandThreads, p.stream, p, y_vec, b_vec, h_vec);
     }
-    return cudaGetLastError();
+    return launch_kernel(LORACUDA_KERNEL(multi_expand_prefill_kernel<TY, TB>), static_cast<unsigned>(blocks),
+                         kPrefillThreads, p.stream, p, y_vec, b_vec, h_vec);
   });
 }
 

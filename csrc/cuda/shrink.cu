@@ -121,7 +121,7 @@ ShrinkPlan make_plan(const ShrinkParams& p) {
 template <typename TX, typename TA, bool kSliced>
 __global__ void __launch_bounds__(kThreads, sizeof(TX) == 2 ? 2 : 1) shrink_kernel(const ShrinkParams p, int64_t tiles_per_split, bool x_vec,
                                                           float* __restrict__ out, bool final_output) {
-  __shared__ __align__(16) float a_s[kKTile * kAStride];
+  LORACUDA_SHARED(float, a_s, kKTile * kAStride);
 
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(TX) == 2 ? 2 : 1) shrink_kern
           v = load_float(a + j * K + k);
         }
       }
-      a_s[((kl & 7) * 32 + (kl >> 3)) * kAStride + jl] = v;
+      shared_store(a_s + ((kl & 7) * 32 + (kl >> 3)) * kAStride + jl, v);
     }
     __syncthreads();
 
@@ -316,33 +316,34 @@ cudaError_t launch_shrink(const ShrinkParams& p) {
         // a [R, K] contiguous: 16-byte row starts iff a is 16-byte aligned and K * 2 bytes is a multiple of 16.
         const bool a_vec = vector_rows_ok(p.a, p.k, p.rank, 2);
         const auto launch = [&](auto kernel) {
-          kernel<<<grid, kMmaThreads, 0, p.stream>>>(p, plan.tiles_per_split, x_vec, a_vec, out, final_output);
+          return launch_kernel(kernel, grid, kMmaThreads, p.stream, p, plan.tiles_per_split, x_vec, a_vec, out,
+                               final_output);
         };
         // The dropout variant is its own kernel: its hashing would otherwise raise the register count
         // (and lower the occupancy) of the plain one.
         const bool drop = p.dropout.enabled;
         if (plan.ntiles == 1) {
-          drop ? launch(shrink_mma_kernel<TX, 1, true>) : launch(shrink_mma_kernel<TX, 1, false>);
+          return drop ? launch(LORACUDA_KERNEL(shrink_mma_kernel<TX, 1, true>))
+                      : launch(LORACUDA_KERNEL(shrink_mma_kernel<TX, 1, false>));
         } else if (plan.ntiles == 2) {
-          drop ? launch(shrink_mma_kernel<TX, 2, true>) : launch(shrink_mma_kernel<TX, 2, false>);
-        } else {
-          drop ? launch(shrink_mma_kernel<TX, 4, true>) : launch(shrink_mma_kernel<TX, 4, false>);
+          return drop ? launch(LORACUDA_KERNEL(shrink_mma_kernel<TX, 2, true>))
+                      : launch(LORACUDA_KERNEL(shrink_mma_kernel<TX, 2, false>));
         }
-        return cudaGetLastError();
+        return drop ? launch(LORACUDA_KERNEL(shrink_mma_kernel<TX, 4, true>))
+                    : launch(LORACUDA_KERNEL(shrink_mma_kernel<TX, 4, false>));
       }
     }
     if (p.num_slices > 0) {
-      shrink_kernel<TX, TA, true><<<grid, kThreads, 0, p.stream>>>(p, plan.tiles_per_split, x_vec, out, final_output);
-    } else {
-      shrink_kernel<TX, TA, false><<<grid, kThreads, 0, p.stream>>>(p, plan.tiles_per_split, x_vec, out, final_output);
+      return launch_kernel(LORACUDA_KERNEL(shrink_kernel<TX, TA, true>), grid, kThreads, p.stream, p,
+                           plan.tiles_per_split, x_vec, out, final_output);
     }
-    return cudaGetLastError();
+    return launch_kernel(LORACUDA_KERNEL(shrink_kernel<TX, TA, false>), grid, kThreads, p.stream, p,
+                         plan.tiles_per_split, x_vec, out, final_output);
   });
   if (err != cudaSuccess || plan.splits == 1) return err;
   const int64_t count = p.m * p.rank;
-  shrink_reduce_kernel<<<grid_cap((count + 255) / 256, p.num_sms), 256, 0, p.stream>>>(p.workspace, p.h, count,
-                                                                                       plan.splits, p.alpha);
-  return cudaGetLastError();
+  return launch_kernel(LORACUDA_KERNEL(shrink_reduce_kernel), grid_cap((count + 255) / 256, p.num_sms), 256, p.stream,
+                       p.workspace, p.h, count, plan.splits, p.alpha);
 }
 
 }  // namespace cuda
