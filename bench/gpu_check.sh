@@ -10,6 +10,8 @@
 #   info       nvidia-smi and loracuda.build_info()                                          (stdout)
 #   tests      python -m pytest -m cuda tests                         -> pytest_cuda.log, junit_cuda.xml
 #   sanitizer  compute-sanitizer --tool memcheck python bench/sanitize_case.py  -> sanitizer.log
+#   multi      python bench/multi_lora.py --device cuda --dtype bfloat16 (batched decode with 32-token
+#              tiles that mix adapters beside decode and prefill)     -> multi_lora.txt
 #   bench      loracuda bench --quick --device cuda --json            -> bench_quick.json, bench_quick.txt
 # It ends with a table of each step's status (also in summary.txt) and exits non-zero if any failed.
 #
@@ -130,6 +132,13 @@ sanitizer() {
   return $rc
 }
 
+multi_lora_bench() {
+  "$PYTHON" bench/multi_lora.py --device cuda --dtype bfloat16 --budget 0.3 >"$OUT/multi_lora.txt" 2>&1
+  local rc=$?
+  cat "$OUT/multi_lora.txt"
+  return $rc
+}
+
 quick_bench() {
   "$PYTHON" -m loracuda.cli.main bench --quick --device cuda --json "$OUT/bench_quick.json" \
     >"$OUT/bench_quick.txt"
@@ -139,15 +148,16 @@ quick_bench() {
 }
 
 export OUT PYTHON SANITIZER
-export -f build info cuda_tests sanitizer quick_bench
+export -f build info cuda_tests sanitizer multi_lora_bench quick_bench
 
-# Limits in seconds, 355 in all: the build is one architecture on 16 cores; the CUDA tests (about 870
+# Limits in seconds, 355 in all (multi: 5 cases of about 1.5 s): the build is one architecture on 16 cores; the CUDA tests (about 870
 # cases with the multi-LoRA and training ones, a few of them torch.compile) get the largest share.
 run_step build 110 "build.log" build
 run_step info 15 "stdout" info
-run_step tests 130 "pytest_cuda.log, junit_cuda.xml" cuda_tests
+run_step tests 120 "pytest_cuda.log, junit_cuda.xml" cuda_tests
 run_step sanitizer 60 "sanitizer.log" sanitizer
-run_step bench 40 "bench_quick.txt, bench_quick.json" quick_bench
+run_step multi 15 "multi_lora.txt" multi_lora_bench
+run_step bench 35 "bench_quick.txt, bench_quick.json" quick_bench
 
 {
   echo

@@ -3,8 +3,9 @@ each pick an adapter from a stacked pool, beside the single-adapter ops on the s
 
     python bench/multi_lora.py [--device cuda] [--dtype bfloat16] [--threads N] [--budget 2.0]
 
-Shapes: K = N = 1024, r = 16, a pool of L = 32 adapters; decode (M = 32 tokens, each its own adapter)
-and prefill (32 sequences x 64 tokens, one adapter per sequence, 1 / 8 / 32 distinct adapters).
+Shapes: K = N = 1024, r = 16, a pool of L = 32 adapters; decode (M = 32 tokens, each its own adapter),
+a batch of M = 128 tokens whose every 32-token tile mixes adapters, and prefill (32 sequences x 64
+tokens, one adapter per sequence, 1 / 8 / 32 distinct adapters).
 Providers, timed in turns (one call each per round, so load from elsewhere slows all alike):
   multi      loracuda.ops.multi_shrink + multi_expand_add_ (one call each for the whole batch)
   single     loracuda.ops.shrink + expand_add_ with one adapter for all M tokens: the floor of the
@@ -35,6 +36,9 @@ SEQUENCES = 32
 # (name, adapter ids as a function of the pool size)
 CASES = [
     ("decode M=32, 32 adapters", lambda: torch.arange(32)),
+    # Batched decode past the decode path's 64 tokens: every 32-token tile mixes adapters (the prefill
+    # path's mixed-tiles launch of the gather kernel).
+    ("batch M=128, 32 adapters mixed", lambda: torch.arange(128) % POOL),
     ("prefill 32x64, 1 adapter", lambda: torch.zeros(SEQUENCES * SEQ_LEN, dtype=torch.int64)),
     ("prefill 32x64, 8 adapters", lambda: (torch.arange(SEQUENCES) % 8).repeat_interleave(SEQ_LEN)),
     ("prefill 32x64, 32 adapters", lambda: torch.arange(SEQUENCES).repeat_interleave(SEQ_LEN)),
