@@ -152,3 +152,54 @@ def test_planted_swapped_fragment_register_is_caught(built, tmp_path):
     run = _driver(library, extension, "shrink", "--only", "M255_K1000", "--limit", "2", "--stop-on-failure")
     assert run.returncode == 1, f"the harness missed a swapped fragment register:\n{run.stdout}\n{run.stderr[-2000:]}"
     assert "||kernel - ref64||" in run.stdout or "differ from the exact result" in run.stdout, run.stdout
+
+
+# ---- the CUDA binding's own checks (csrc/cuda/bindings.cpp on host tensors) ------------------------------
+
+
+def test_binding_refuses_float64_and_too_many_slices(emulation):
+    x = torch.randn(4, 16, dtype=torch.float64)
+    a = torch.randn(2, 16, dtype=torch.float64)
+    with pytest.raises((ValueError, TypeError, RuntimeError), match="x.*float32, bfloat16 or float16 on CUDA"):
+        emulation.shrink(x, a, 0.0, None)
+    y = torch.zeros(3, 10)
+    h = torch.randn(3, 10)  # 10 slices of rank 1
+    b = torch.randn(10, 1)
+    before = y.clone()
+    with pytest.raises((ValueError, RuntimeError), match="slice_offsets.*at most 8 slices on CUDA"):
+        emulation.expand_add_(y, h, b, 1.0, list(range(11)))
+    assert torch.equal(y, before), "expand_add_ wrote y before refusing it"
+
+
+def _overlapping_output_cases():
+    """(op, call with an output two elements of which share memory, the argument's name)."""
+    m, k, n, r = 5, 16, 12, 4
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(m, k, generator=g)
+    a = torch.randn(r, k, generator=g)
+    b = torch.randn(n, r, generator=g)
+    h = torch.randn(m, r, generator=g)
+    grad_y = torch.randn(m, n, generator=g)
+    return [
+        ("expand_add_", lambda ops: ops.expand_add_(torch.zeros(m, 1).expand(m, n), h, b, 1.0, []), "y"),
+        ("expand_add_", lambda ops: ops.expand_add_(torch.zeros(1, 1).expand(1, n), h[:1], b, 1.0, []), "y"),
+        ("merge_", lambda ops: ops.merge_(torch.zeros(n, 1).expand(n, k), a, b, 1.0, False), "weight"),
+        ("backward", lambda ops: ops.backward(grad_y, x, h, a, b, 1.0, 0.0, None, [],
+                                              torch.zeros(m, 1).expand(m, k)), "grad_x"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(4), ids=("expand_add_-y", "expand_add_-one-row-y", "merge_-weight",
+                                                 "backward-grad_x"))
+def test_binding_refuses_overlapping_outputs_as_the_cpu_op_does(emulation, index):
+    """An output whose elements share memory (a stride-0 expand) is refused by the CUDA binding, naming the
+    argument, exactly when the CPU op refuses it (both run csrc/checks.h)."""
+    op, call, arg = _overlapping_output_cases()[index]
+    try:
+        call(torch.ops.loracuda)
+    except (ValueError, RuntimeError) as error:
+        assert arg in str(error), f"the CPU {op} refused the overlapping {arg} without naming it: {error}"
+    else:
+        pytest.skip(f"csrc/checks.h does not refuse an overlapping {arg} yet (the CPU {op} accepts it)")
+    with pytest.raises((ValueError, RuntimeError), match=arg):
+        call(emulation)
