@@ -290,15 +290,17 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks)
   const int64_t M = p.m, K = p.k, R = p.rank;
   int64_t m0, j0;
   if (!mma_warp_item<kMmaWarpRows, 8 * kNT>(M, R, m0, j0)) return;  // a whole warp leaves; no barrier follows
+
+  // The warp's adapter: lane l votes for token m0 + l (tokens past M agree with anything). Mixed
+  // adapters, or none: the decode kernel's mixed-tiles launch writes these tokens (its test,
+  // tile_shares_adapter, is this one).
+  const int first = adapter_of(p.adapter_ids, m0, p.num_adapters);
+  const bool same = m0 + lane >= M || adapter_of(p.adapter_ids, m0 + lane, p.num_adapters) == first;
+  const int id = __all_sync(0xffffffffu, same) ? first : -1;
+  if (id < 0) return;
   const int64_t num_chunks = (K + kKChunk - 1) / kKChunk;
   const int64_t c_begin = static_cast<int64_t>(blockIdx.z) * chunks_per_split;
   const int64_t c_end = c_begin + chunks_per_split < num_chunks ? c_begin + chunks_per_split : num_chunks;
-  float* __restrict__ dst = out + static_cast<int64_t>(blockIdx.z) * M * R;
-
-  // The warp's adapter (lane l votes for token m0 + l). Mixed adapters, or none: the decode kernel's
-  // mixed-tiles launch writes these tokens.
-  if (!tile_shares_adapter(p.adapter_ids, m0, M, p.num_adapters, lane)) return;
-  const int id = adapter_of(p.adapter_ids, m0, p.num_adapters);
   const uint32_t used = used_rows<8 * kNT>(j0, R, p.r_max, clamp_rank(p.ranks[id], p.r_max));
 
   float acc[kMmaRowTiles][kNT][4];
@@ -320,9 +322,13 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks)
   }
 
   // Token m0 + row, row j0 + col of a; rows beyond the adapter's rank are written as exactly 0.
+  float* __restrict__ dst = out + static_cast<int64_t>(blockIdx.z) * M * R;
+  // The mask again rather than `used` kept across the MMA loop: one register less there (with it,
+  // ptxas spilled 8 bytes in the kNT = 2 variants for sm_90 under the 128-register cap).
+  const uint32_t used_after = used_rows<8 * kNT>(j0, R, p.r_max, clamp_rank(p.ranks[id], p.r_max));
   for_each_c_element(acc, lane, [&](int row, int col, float v) {
     const int64_t m = m0 + row;
-    if (m < M && j0 + col < R) dst[m * R + j0 + col] = (used >> col) & 1u ? v : 0.0f;
+    if (m < M && j0 + col < R) dst[m * R + j0 + col] = (used_after >> col) & 1u ? v : 0.0f;
   });
 }
 
