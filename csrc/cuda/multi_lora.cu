@@ -323,12 +323,13 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks)
 
   // Token m0 + row, row j0 + col of a; rows beyond the adapter's rank are written as exactly 0.
   float* __restrict__ dst = out + static_cast<int64_t>(blockIdx.z) * M * R;
-  // The mask again rather than `used` kept across the MMA loop: one register less there (with it,
-  // ptxas spilled 8 bytes in the kNT = 2 variants for sm_90 under the 128-register cap).
-  const uint32_t used_after = used_rows<8 * kNT>(j0, R, p.r_max, clamp_rank(p.ranks[id], p.r_max));
+  // Row j of a is used iff j % r_max < the rank: tested again here rather than through `used` kept
+  // across the MMA loop (with it, ptxas spilled 8 bytes in the kNT = 2 variants under the 128-register cap).
+  const int64_t rank_end = clamp_rank(p.ranks[id], p.r_max);
   for_each_c_element(acc, lane, [&](int row, int col, float v) {
     const int64_t m = m0 + row;
-    if (m < M && j0 + col < R) dst[m * R + j0 + col] = (used_after >> col) & 1u ? v : 0.0f;
+    const int64_t j = j0 + col;
+    if (m < M && j < R) dst[m * R + j] = j % p.r_max < rank_end ? v : 0.0f;
   });
 }
 
