@@ -150,6 +150,7 @@ def test_fsdp2_trains_and_saves_a_loadable_adapter(out_dir, reference):
     assert_within_rule(logits(ours.eval(), tokens), logits(theirs, tokens), ref)
 
 
+@pytest.mark.slow
 def test_ddp_of_a_peft_model_on_loracuda_matches_one_process(out_dir):
     """A PeftModel on loracuda's kernels (apply_to_peft) under DDP: the ranks agree exactly, and the
     losses and first gradients match plain PEFT in one process on the whole batch (the rule against PEFT

@@ -380,6 +380,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_dropout():
         torch.testing.assert_close(on[name], off[name], rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accelerated", [True, False], ids=["loracuda", "plain-peft"])
 def test_compile_fullgraph_traces_and_matches_eager(accelerated):
     torch._dynamo.reset()

@@ -51,8 +51,9 @@ def tokenizer():
 
 
 def args(cls, out, **extra):
+    extra.setdefault("max_steps", STEPS)
     return cls(
-        output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=2, learning_rate=1e-2,
+        output_dir=str(out), per_device_train_batch_size=2, learning_rate=1e-2,
         lr_scheduler_type="constant", logging_steps=1, save_steps=SAVE_STEPS, save_strategy="steps",
         report_to="none", use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0, disable_tqdm=True,
         bf16=False, fp16=False, **extra,  # float32 (TRL turns bf16 autocast on where the CPU has it)
@@ -115,6 +116,7 @@ def sft(tmp_path_factory):
     }
 
 
+@pytest.mark.slow
 def test_sft_trainer_with_the_switch_follows_plain_peft(sft):
     ours, plain, ref = sft["ours"], sft["plain"], sft["ref"]
     # TRL built the PeftModel; every LoRA layer of it computes with loracuda, with gradient checkpointing on
@@ -130,6 +132,7 @@ def test_sft_trainer_with_the_switch_follows_plain_peft(sft):
     assert err <= 2.0 * err_plain + 4 * 2.0**-24 * float(ref_curve.norm()), (curve, losses(plain), ref_curve)
 
 
+@pytest.mark.slow
 def test_sft_trainer_checkpoints_hold_the_adapter_and_resume_from_it(sft):
     root = sft["root"]
     checkpoint = root / "ours" / f"checkpoint-{SAVE_STEPS}"
@@ -153,6 +156,7 @@ def test_sft_trainer_output_loads_in_peft_and_merges_as_peft_does(sft, tmp_path)
                        logits(copy.deepcopy(ref).merge_and_unload(), tokens))
 
 
+@pytest.mark.slow
 def test_from_peft_inside_sft_trainer_loses_nothing(tmp_path):
     """The way in that used to write empty adapters: from_peft(trainer.model) now accelerates the
     PeftModel in place and leaves it a PeftModel, so saves and resume keep the adapter."""
@@ -160,7 +164,7 @@ def test_from_peft_inside_sft_trainer_loses_nothing(tmp_path):
 
     torch.manual_seed(0)
     trainer = SFTTrainer(
-        model=llama().train(), args=args(SFTConfig, tmp_path, max_length=48),
+        model=llama().train(), args=args(SFTConfig, tmp_path, max_length=48, max_steps=SAVE_STEPS),
         train_dataset=datasets.Dataset.from_dict({"text": TEXT}), processing_class=tokenizer(),
         peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"),
     )
@@ -216,11 +220,8 @@ def trained(tmp_path_factory, initial_adapter):
     } | {"root": root}
 
 
-def _ref_kind(kind):
-    return "plain" if kind == "ref" else kind
-
-
 @pytest.mark.parametrize("kind", ["ours", "inject"])
+@pytest.mark.slow
 def test_trainer_loss_curve_follows_plain_peft(trained, kind):
     ref_curve = losses(trained["ref"])
     curve, plain = losses(trained[kind]), losses(trained["plain"])
@@ -282,12 +283,9 @@ def test_save_adapter_callback_writes_adapters_for_plain_modules(tmp_path):
     callback.on_save(targs, state, control, model=model)
     callback.on_train_end(targs, state, control, model=model)
     for folder in (tmp_path / "checkpoint-3", tmp_path):
-        assert_checkpoint_holds_adapter_any(folder, 4)
-
-
-def assert_checkpoint_holds_adapter_any(folder, count):
-    tensors = safetensors.torch.load_file(os.path.join(folder, "adapter_model.safetensors"))
-    assert len(tensors) == count
+        tensors = safetensors.torch.load_file(os.path.join(folder, "adapter_model.safetensors"))
+        assert sorted(tensors) == sorted(f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{f}.weight"
+                                         for i in range(2) for f in "AB")
 
 
 def test_full_save_of_a_merged_injected_model_is_refused(tmp_path):
