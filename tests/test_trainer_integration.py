@@ -18,7 +18,7 @@ import safetensors.torch
 import torch
 
 import loracuda
-from tiny_models import assert_within_rule, ids, llama, logits
+from tiny_models import assert_within_rule, ids, llama, logits, randomize_adapters
 
 transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
@@ -294,3 +294,16 @@ def test_full_save_of_a_merged_injected_model_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="merged adapters"):
         model.save_pretrained(tmp_path)
     assert not os.listdir(tmp_path)
+
+
+def test_accelerate_save_model_of_an_injected_model_loads_back(tmp_path):
+    """accelerate's save_model writes model.state_dict() (loracuda's names, no config): it loads back with
+    load_state_dict into an injected model, base weights and adapter alike."""
+    import accelerate
+
+    model = loracuda.inject(llama(), loracuda.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    randomize_adapters(model, scale_b=0.05)
+    accelerate.Accelerator(cpu=True).save_model(model, tmp_path)
+    fresh = loracuda.inject(llama(seed=5), loracuda.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    fresh.load_state_dict(safetensors.torch.load_file(tmp_path / "model.safetensors"))
+    assert torch.equal(logits(fresh, ids()), logits(model, ids()))

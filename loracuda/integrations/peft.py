@@ -373,7 +373,9 @@ def apply_to_peft(peft_model: Optional[nn.Module] = None, *, exact_merge: Option
     and returns the model's current report.
     None: the process-wide switch: every LoRA layer PEFT creates from now on, in any model, is converted
     (so a TRL / Trainer script needs this one line before it builds its model). The returned report fills
-    in as PEFT creates layers. ``remove_from_peft()`` turns the switch off.
+    in as PEFT creates layers, keyed by layer path (a later model's layer at the same path replaces the
+    entry); ``apply_to_peft(model)`` on a built model gives that model's own report.
+    ``remove_from_peft()`` turns the switch off.
 
     exact_merge: True makes merge_adapter / merge keep loracuda's restore record so that unmerge_adapter
     restores the base weights bit for bit; False merges without one; None keeps each layer's setting
