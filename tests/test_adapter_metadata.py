@@ -63,7 +63,7 @@ def test_inject_takes_a_peft_lora_config():
     ours = loracuda.inject(llama(), peft.LoraConfig(**kwargs))
     assert ours.model.layers[0].self_attn.q_proj.scaling["default"] == 8 / 2
     theirs = peft.get_peft_model(llama(), peft.LoraConfig(**kwargs))
-    assert sorted(p for p, _ in loracuda.inject.__globals__["lora_layers"](ours)) == sorted(
+    assert sorted(p for p, m in ours.named_modules() if isinstance(m, loracuda.LoRALinear)) == sorted(
         p.removeprefix("base_model.model.") for p, m in theirs.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer))
     with pytest.raises(ValueError, match="use_dora"):
         loracuda.inject(llama(), peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))

@@ -87,6 +87,8 @@ def m_save_pretrained(pm, tmp, other):
     pm.save_pretrained(tmp)
     with open(os.path.join(tmp, "adapter_config.json")) as f:
         config = json.load(f)
+    # PEFT keeps resolved targets in a set: their order in the file varies from model to model.
+    config["target_modules"] = sorted(config["target_modules"])
     tensors = safetensors.torch.load_file(os.path.join(tmp, "adapter_model.safetensors"))
     return {"config": json.dumps(config, sort_keys=True), **{k: v.double() for k, v in tensors.items()}}
 
