@@ -5,7 +5,8 @@ import torch
 from ._extension import _C
 from .version import __version__
 
-_OPS = ("shrink", "expand_add_", "merge_", "restore_codes", "unmerge_exact_", "merge_exact_", "backward", "lora_linear")
+_OPS = ("shrink", "expand_add_", "merge_", "restore_codes", "unmerge_exact_", "merge_exact_", "backward", "lora_linear",
+        "multi_shrink", "multi_expand_add_")
 
 
 def op_names() -> tuple[str, ...]:
