@@ -215,7 +215,7 @@ export -f build info cuda_tests sanitize quick_bench multi_lora_bench
 
 # Limits in seconds, 540 in all: the build is one architecture, its 15 sources compiled at once on 16
 # cores; the CUDA tests (about 1070 cases, a few of them compiling with inductor) get whatever the build
-# and info leave beyond the 165 s kept for the sanitizer and the bench (at least about 210 s).
+# and info leave beyond the 180 s kept for the sanitizer and the two benches (at least about 195 s).
 run_step build 150 "build.log" build
 run_step info 30 "summary.txt" info
 run_step tests $((TOTAL_S - ($(date +%s) - START) - 180)) "tests.log" cuda_tests
