@@ -11,7 +11,7 @@
 PYTHON     ?= python3
 PIP        ?= $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.14.1
-TEST_DEPS  := ninja safetensors pytest hypothesis peft transformers matplotlib
+TEST_DEPS  := ninja numpy safetensors pytest hypothesis peft transformers matplotlib trl datasets accelerate
 PYTEST_ARGS ?=
 
 # The nvcc on PATH may be a wrapper outside the toolkit; setup.py also resolves it, this is the default.

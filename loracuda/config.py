@@ -88,8 +88,13 @@ class LoraConfig:
     init: str = "default"
     layers_pattern: Union[None, str, list[str]] = None
     peft_extra: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+    # PEFT's names, accepted as keyword arguments: LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05).
+    # Not stored: they set alpha / dropout (and read back as properties of the same names).
+    lora_alpha: dataclasses.InitVar[Optional[float]] = None
+    lora_dropout: dataclasses.InitVar[Optional[float]] = None
 
-    def __post_init__(self):
+    def __post_init__(self, lora_alpha=None, lora_dropout=None):
+        self._take_peft_names(lora_alpha, lora_dropout)
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"LoraConfig: argument 'r' must be an int >= 1, got {self.r!r}")
         if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not math.isfinite(self.alpha):
@@ -132,6 +137,18 @@ class LoraConfig:
             self.layers_to_transform = [int(i) for i in wanted]
         if not isinstance(self.use_rslora, bool):
             raise ValueError(f"LoraConfig: argument 'use_rslora' must be a bool, got {self.use_rslora!r}")
+
+    def _take_peft_names(self, lora_alpha, lora_dropout) -> None:
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for peft_name, name, value in (("lora_alpha", "alpha", lora_alpha), ("lora_dropout", "dropout", lora_dropout)):
+            if isinstance(value, property):  # not given: the dataclass passes the class attribute's default
+                value = None
+            if value is None:
+                continue
+            if getattr(self, name) != defaults[name] and getattr(self, name) != value:
+                raise ValueError(f"LoraConfig: arguments '{name}' and '{peft_name}' (its PEFT name) disagree: "
+                                 f"{getattr(self, name)!r} and {value!r}; give one of them")
+            setattr(self, name, value)
 
     # ---- per-module values ----------------------------------------------------------------------
 
@@ -416,3 +433,18 @@ def _pattern_key(patterns: Optional[dict], path: str) -> Optional[str]:
         if re.match(rf"(.*\.)?({key})$", path):
             return key
     return None
+
+
+# Read access under PEFT's names (the InitVars above only take them at construction).
+LoraConfig.lora_alpha = property(lambda self: self.alpha, doc="PEFT's name for alpha")
+LoraConfig.lora_dropout = property(lambda self: self.dropout, doc="PEFT's name for dropout")
+
+
+def as_loracuda_config(config) -> "LoraConfig":
+    """``config`` as a loracuda LoraConfig: one passes through; a peft.LoraConfig (or any object with PEFT's
+    ``to_dict``) is converted with LoraConfig.from_peft (which refuses options loracuda does not implement)."""
+    if config is None or isinstance(config, LoraConfig):
+        return config
+    if hasattr(config, "to_dict") and hasattr(config, "peft_type"):
+        return LoraConfig.from_peft(config.to_dict())
+    raise TypeError(f"loracuda: argument 'config' must be a loracuda.LoraConfig or a peft.LoraConfig, got {type(config).__name__}")

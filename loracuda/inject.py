@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Union
 import torch
 from torch import nn
 
-from .config import LoraConfig, is_conv1d
+from .config import LoraConfig, as_loracuda_config, is_conv1d
 from .layers import LoRALinear
 from .model_lock import locked
 
@@ -69,9 +69,10 @@ def inject(model: nn.Module, config: LoraConfig = None, adapter: str = "default"
     one more adapter), adds adapter ``adapter`` to each, and freezes every parameter but the LoRA factors,
     the biases ``config.bias`` asks for and the ``modules_to_save`` parameters. Parameter names:
     ``<layer path>.lora_A.<adapter>`` [r, K] and ``<layer path>.lora_B.<adapter>`` [N, r]. With the default
-    init the model's outputs are unchanged. Returns ``model``. Raises, naming the patterns, when nothing
+    init the model's outputs are unchanged. ``config``: a loracuda.LoraConfig or a peft.LoraConfig (converted
+    with LoraConfig.from_peft). Returns ``model``. Raises, naming the patterns, when nothing
     matches; nothing is modified on any error."""
-    config = copy.deepcopy(config) if config is not None else LoraConfig()
+    config = copy.deepcopy(as_loracuda_config(config)) if config is not None else LoraConfig()
     if not isinstance(model, nn.Module):
         raise TypeError(f"loracuda.inject: argument 'model' must be an nn.Module, got {type(model).__name__}")
     if adapter in configs(model):
@@ -120,7 +121,17 @@ def inject(model: nn.Module, config: LoraConfig = None, adapter: str = "default"
     table = dict(configs(model))
     table[adapter] = config
     setattr(model, CONFIGS_ATTR, table)
+    _guard_full_saves(model)
     return model
+
+
+def _guard_full_saves(model: nn.Module) -> None:
+    # A transformers model's save_pretrained must write a folder transformers loads back correctly
+    # (loracuda.integrations.transformers); other models are left alone.
+    if hasattr(model, "save_pretrained") and hasattr(model, "config"):
+        from .integrations.transformers import guard_full_saves
+
+        guard_full_saves(model)
 
 
 def adapter_paths(model: nn.Module, adapter: str) -> list[str]:
@@ -298,11 +309,18 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 
 def from_peft(peft_model: nn.Module) -> nn.Module:
-    """Converts an in-memory PEFT LoRA model (PeftModel or a LoraModel) to the underlying base model with
-    LoRALinear layers that hold the same parameter tensors (so an optimizer built on them keeps working)
-    and the same adapters, scales, dropout and active adapters. modules_to_save wrappers are replaced by
-    their active trained copy. The PEFT model must not be merged; DoRA and non-linear LoRA layers are
-    refused. Returns the base model (modified in place; the PEFT wrapper should not be used afterwards)."""
+    """A loracuda model (LoRALinear layers, loracuda's model API) that shares the parameters and buffers
+    of an in-memory PEFT LoRA model (PeftModel or LoraModel): the same adapters, scales, dropout and
+    active adapters; modules_to_save wrappers become their active trained copy. The PEFT model must not
+    be merged; DoRA and non-linear LoRA layers are refused.
+
+    The PEFT model itself is not taken apart: it stays a working PeftModel (save_pretrained, checkpoints,
+    merge_and_unload, ... as before), and it is switched to loracuda's kernels with
+    ``loracuda.apply_to_peft`` (so ``from_peft(trainer.model)`` inside a Trainer makes that training run
+    on loracuda and lose nothing). The returned model is a separate module tree over the same tensors:
+    an optimizer built on either trains both; use one of the two at a time for merging (a merge through
+    one changes the shared base weights under the other). To run a PEFT model on loracuda, call
+    ``apply_to_peft`` directly."""
     try:
         from peft.tuners.lora.layer import LoraLayer
         from peft.utils.other import ModulesToSaveWrapper
@@ -340,6 +358,15 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
             plan.append((path, module, None))
     if not any(b is not None for _, _, b in plan):
         raise ValueError("loracuda.from_peft: the PEFT model has no LoRA layers")
+    from .integrations.peft import apply_to_peft
+
+    apply_to_peft(peft_model)
+    # A structural copy: new module objects, the same parameter and buffer tensors (the memo maps each
+    # of them to itself), so the PEFT model keeps its own layers.
+    shared = {id(t): t for t in list(base.parameters()) + list(base.buffers())}
+    base = copy.deepcopy(base, memo=shared)
+    plan = [(path, base.get_submodule(path), None if b is None else base.get_submodule(path).get_base_layer())
+            for path, _, b in plan]
     for path, module, inner_base in plan:
         if inner_base is None:
             active = module.active_adapters if hasattr(module, "active_adapters") else [module.active_adapter]
@@ -360,4 +387,5 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         layer.train(module.training)
         base.set_submodule(path, layer)
     setattr(base, CONFIGS_ATTR, table)
+    _guard_full_saves(base)
     return base

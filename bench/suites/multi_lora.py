@@ -1,9 +1,10 @@
 """The `multi_lora` suite: the serving ops multi_shrink + multi_expand_add_ on a batch of tokens that
 each pick an adapter from a stacked pool, beside what a caller could run instead.
 
-Shapes: K = N = 1024, r = 16, a pool of L = 32 adapters; decode (M = 32 tokens, each its own adapter)
-and prefill (32 sequences x 64 tokens, one adapter per sequence, 1 / 8 / 32 distinct adapters);
-tiny (tests): K = N = 96, r = 4, L = 4, M = 8 and 4 x 8.
+Shapes: K = N = 1024, r = 16, a pool of L = 32 adapters; decode (M = 32 tokens, each its own adapter),
+a batch of M = 128 tokens whose every 32-token tile mixes adapters (past the decode path's 64 tokens:
+the prefill path's mixed-tile launch), and prefill (32 sequences x 64 tokens, one adapter per sequence,
+1 / 8 / 32 distinct adapters); tiny (tests): K = N = 96, r = 4, L = 4, M = 4, 128 and 4 x 8.
 Providers:
   loracuda   multi_shrink + multi_expand_add_ (one call each for the whole batch)
   single     shrink + expand_add_ with one adapter for all M tokens: the same GEMM work without any
@@ -30,7 +31,7 @@ def multi_lora_shape(ctx: SuiteContext) -> dict:
 def batches(s: dict, quick: bool) -> list[tuple[str, int, torch.Tensor]]:
     """(mode, distinct adapters, adapter id per token [M] int64)."""
     seqs, tokens, pool = s["seqs"], s["tokens"], s["pool"]
-    out = [("decode", min(32, pool), torch.arange(min(32, pool)))]
+    out = [("decode", min(32, pool), torch.arange(min(32, pool))), ("mixed", pool, torch.arange(128) % pool)]
     for n in ([1, pool] if quick else [1, min(8, pool), pool]):
         out.append(("prefill", n, (torch.arange(seqs) % n).repeat_interleave(tokens)))
     return out

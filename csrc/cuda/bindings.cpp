@@ -381,6 +381,8 @@ void multi_expand_add_cuda(Tensor& y, const Tensor& h_in, const Tensor& lora_b_a
 
 }  // namespace
 
+// The host build of this file (csrc/emulation/ops.cpp) exposes these functions to its own module instead.
+#if !defined(LORACUDA_EMULATION)
 TORCH_LIBRARY_IMPL(loracuda, CUDA, m) {
   m.impl("shrink", &shrink_cuda);
   m.impl("expand_add_", &expand_add_cuda);
@@ -392,5 +394,6 @@ TORCH_LIBRARY_IMPL(loracuda, CUDA, m) {
   m.impl("multi_shrink", &multi_shrink_cuda);
   m.impl("multi_expand_add_", &multi_expand_add_cuda);
 }
+#endif
 
 }  // namespace loracuda
