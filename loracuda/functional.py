@@ -82,7 +82,7 @@ def lora_linear(
         raise ValueError("loracuda.lora_linear: argument 'x' must have at least one dimension [..., K]")
     seed_t = None
     if p > 0.0:
-        seed_t = new_seed(x.device) if seed is None else ops.seed_tensor(seed, x.device)
+        seed_t = new_seed(x.device) if seed is None else ops.seed_tensor(seed, x.device, op="lora_linear")
     device_type = x.device.type
     if _autocast_enabled(device_type):
         x, weight, bias = autocast_inputs(x, weight, bias)
