@@ -144,7 +144,8 @@ def backward(
 ) -> tuple[Tensor, Tensor]:
     """The LoRA part of a linear layer's backward. Returns (grad_a [R, K], grad_b [N, r]) in the dtypes
     of lora_a and lora_b; when ``grad_x`` [M, K] is given, adds mask * (g @ lora_a) / q into it in place,
-    where g = scale * grad_y @ lora_b (slice-wise)."""
+    where g = scale * grad_y @ lora_b (slice-wise). Not differentiable: with grad mode on, an input that
+    requires grad is refused (for double backward use :func:`loracuda.lora_linear`)."""
     return _ops.backward(
         grad_y, x, h, lora_a, lora_b, float(scale), float(dropout_p), seed_tensor(seed, op="backward"),
         list(slice_offsets), grad_x,
