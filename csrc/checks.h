@@ -148,11 +148,12 @@ inline bool rows_miss(const Footprint& rows, const Footprint& other) {
 
 }  // namespace detail
 
-// True unless `a` and `b` provably share no byte: different storages, disjoint address ranges, or
-// row-interleaved column slices of one buffer (same row pitch, disjoint columns).
+// True unless `a` and `b` provably share no byte: different devices, disjoint address ranges, or
+// row-interleaved column slices of one buffer (same row pitch, disjoint columns). Addresses, not
+// storage objects, decide: two storages made over one buffer (torch.frombuffer, from_blob) alias too.
 inline bool may_share_memory(const at::Tensor& a, const at::Tensor& b) {
   if (!a.defined() || !b.defined() || a.numel() == 0 || b.numel() == 0) return false;
-  if (!a.has_storage() || !b.has_storage() || !a.storage().is_alias_of(b.storage())) return false;
+  if (!a.has_storage() || !b.has_storage() || a.device() != b.device()) return false;
   const detail::Footprint fa = detail::footprint(a), fb = detail::footprint(b);
   if (fa.end <= fb.begin || fb.end <= fa.begin) return false;
   if (fa.pitch > 0 && detail::rows_miss(fa, fb)) return false;
