@@ -379,21 +379,20 @@ def test_errors_leave_the_pool_unchanged(tmp_path, device_name):
             pool.unload(1)
         with pytest.raises(ValueError, match="2 per-sequence adapter ids"):
             out(pool.model, token_batch(batch=3, length=LENGTH).to(device))
-    # Another thread opening a batch of the same pool while one is open.
-    errors = []
+    # Another thread opens its own batch of the same pool while one is open here: allowed, each thread
+    # sees its own ids (tests/test_threads.py checks the outputs).
+    seen = []
 
     def other_thread():
-        try:
-            with pool.batch(torch.tensor([1, 1])):
-                pass
-        except RuntimeError as error:
-            errors.append(str(error))
+        with pool.batch(torch.tensor([1, 1])):
+            seen.append(pool._state.ids.tolist())
 
     with pool.batch(torch.tensor([1, -1])):
         worker = threading.Thread(target=other_thread)
         worker.start()
         worker.join()
-    assert len(errors) == 1 and "already open" in errors[0]
+        assert pool._state.ids.tolist() == [1, -1]
+    assert seen == [[1, 1]]
     with pool.batch(torch.ones(2, LENGTH + 1, dtype=torch.long)):
         with pytest.raises(ValueError, match="per-token adapter ids of shape"):
             out(pool.model, tokens)
