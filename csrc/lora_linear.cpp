@@ -53,6 +53,7 @@ std::tuple<Tensor, Tensor> lora_linear(const Tensor& x, const Tensor& weight, co
   }
   // Check the adapter arguments before the base GEMM runs, so a bad adapter costs nothing.
   check_shrink_args(x, lora_a, dropout_p, seed, op);
+  check_finite_scalar(scale, op, "scale");
   LORACUDA_CHECK_ARG(lora_b.dim() == 2 && lora_b.size(0) == weight.size(0), op, "lora_b",
                      "must be [N, r] with N = ", weight.size(0), " (from 'weight'), got shape ", lora_b.sizes());
   const auto offsets = check_slice_offsets(slice_offsets, weight.size(0), op);
