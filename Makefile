@@ -5,12 +5,13 @@
 #   make test    deps + build + the test suite
 #   make demo    deps + build + `loracuda demo`
 #
-# TORCH_SPEC picks the torch to install, e.g. `make test TORCH_SPEC=torch==2.13.0` (CPU build).
+# TORCH_SPEC picks the torch to install: the default is the tested 2.14.1 (CUDA 13 build); 2.13.0 (CPU build)
+# is tested too (`make test TORCH_SPEC=torch==2.13.0`); loracuda builds against torch 2.11 or newer.
 
 PYTHON     ?= python3
 PIP        ?= $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.14.1
-TEST_DEPS  := ninja numpy safetensors pytest hypothesis peft transformers matplotlib
+TEST_DEPS  := ninja numpy safetensors pytest hypothesis peft transformers matplotlib trl datasets accelerate
 PYTEST_ARGS ?=
 
 # The nvcc on PATH may be a wrapper outside the toolkit; setup.py also resolves it, this is the default.
@@ -37,4 +38,4 @@ bench: build
 	$(PYTHON) -m loracuda.cli.main bench --quick
 
 clean:
-	rm -rf build loracuda/_C*.so *.egg-info
+	rm -rf build dist loracuda/_C*.so *.egg-info

@@ -8,6 +8,8 @@ Environment:
   LORACUDA_SKIP_CUDA=1    build the CPU kernels only
   TORCH_CUDA_ARCH_LIST    architectures to build for; with no GPU visible the default is "8.0;9.0"
   MAX_JOBS                parallel compile jobs (ninja)
+  LORACUDA_OPT_LEVEL      the host compiler's -O level, 0-3 (default 3); lower only for builds whose
+                          speed does not matter (tests/test_wheel.py checks packaging with -O0)
 
 Build with `pip install --no-build-isolation -e .` so that the torch already installed is the one
 the extension is compiled against.
@@ -141,11 +143,15 @@ def extension_modules():
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
     generated = write_build_config(with_cuda, archs)
     sources = ["csrc/ops.cpp", "csrc/lora_linear.cpp", "csrc/lora_linear_autograd.cpp", "csrc/version_counter.cpp",
-               "csrc/grouped_lora_linear.cpp", "csrc/grouped_lora_linear_autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+               "csrc/inplace_autograd.cpp", "csrc/grouped_lora_linear.cpp", "csrc/grouped_lora_linear_autograd.cpp"]
+    sources += sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc"), generated]
     # -fopenmp: at::parallel_for is a header-inline `#pragma omp parallel` (torch's OpenMP backend), so
     # without it the CPU kernels run on one thread. The runtime is the libgomp torch already loads.
-    cxx_flags = ["-O3", "-fopenmp"]
+    opt_level = os.environ.get("LORACUDA_OPT_LEVEL", "3").strip()
+    if opt_level not in ("0", "1", "2", "3"):
+        sys.exit(f"loracuda: LORACUDA_OPT_LEVEL must be 0, 1, 2 or 3, got {opt_level!r}")
+    cxx_flags = [f"-O{opt_level}", "-fopenmp"]
     link_flags = ["-fopenmp"]
     if not with_cuda:
         return [CppExtension("loracuda._C", sources, include_dirs=include_dirs,

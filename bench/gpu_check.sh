@@ -19,6 +19,8 @@
 #   memcheck   compute-sanitizer --tool memcheck python bench/sanitize_case.py             -> sanitizer.log
 #   racecheck  compute-sanitizer --tool racecheck python bench/sanitize_case.py   -> sanitizer.log (appended)
 #   bench      loracuda bench --quick --device cuda --json             -> bench_quick.json, bench_quick.txt
+#   multi      python bench/multi_lora.py --device cuda --dtype bfloat16: decode, prefill and a batch of
+#              128 tokens whose 32-token tiles mix adapters               -> bench_quick.txt (appended)
 # The CPU cases of the suite are left to `make test` on any machine. The script ends with a table of each
 # step's status (summary.txt; gpu_check.json adds the GPU, driver, torch, commit, test counts and
 # sanitizer summaries) and exits non-zero if any step failed.
@@ -192,6 +194,14 @@ sanitize() {
   return $rc
 }
 
+multi_lora_bench() {
+  echo "=== python bench/multi_lora.py --device cuda --dtype bfloat16 ===" >>"$RESULTS/bench_quick.txt"
+  "$PYTHON" bench/multi_lora.py --device cuda --dtype bfloat16 --budget 0.3 >"$SCRATCH/multi_lora.txt" 2>&1
+  local rc=$?
+  cat "$SCRATCH/multi_lora.txt" | tee -a "$RESULTS/bench_quick.txt"
+  return $rc
+}
+
 quick_bench() {
   "$PYTHON" -m loracuda.cli.main bench --quick --device cuda --json "$RESULTS/bench_quick.json" \
     >"$RESULTS/bench_quick.txt"
@@ -201,17 +211,18 @@ quick_bench() {
 }
 
 export RESULTS SCRATCH PYTHON SANITIZER COMMIT FINGERPRINT
-export -f build info cuda_tests sanitize quick_bench
+export -f build info cuda_tests sanitize quick_bench multi_lora_bench
 
 # Limits in seconds, 540 in all: the build is one architecture, its 15 sources compiled at once on 16
 # cores; the CUDA tests (about 1070 cases, a few of them compiling with inductor) get whatever the build
-# and info leave beyond the 165 s kept for the sanitizer and the bench (at least about 210 s).
+# and info leave beyond the 180 s kept for the sanitizer and the two benches (at least about 195 s).
 run_step build 150 "build.log" build
 run_step info 30 "summary.txt" info
-run_step tests $((TOTAL_S - ($(date +%s) - START) - 165)) "tests.log" cuda_tests
+run_step tests $((TOTAL_S - ($(date +%s) - START) - 180)) "tests.log" cuda_tests
 run_step memcheck 55 "sanitizer.log" "sanitize memcheck"
 run_step racecheck 65 "sanitizer.log" "sanitize racecheck"
 run_step bench 45 "bench_quick.txt, bench_quick.json" quick_bench
+run_step multi 15 "bench_quick.txt" multi_lora_bench
 
 TOTAL_TAKEN=$(($(date +%s) - START))
 {

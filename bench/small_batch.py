@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
-from loracuda.benchmarking import providers as P  # noqa: E402
-from loracuda.benchmarking import timer as T  # noqa: E402
+from bench.harness import providers as P  # noqa: E402
+from bench.harness import timer as T  # noqa: E402
 
 SHAPES = [(4, 16), (32, 4096), (128, 1024), (128, 4096), (512, 1024)]
 RANK = 16

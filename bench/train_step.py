@@ -2,7 +2,7 @@
 
     python bench/train_step.py [--quick] [--rounds 7] [--loss-steps 20] [--profile] [--threads N]
 
-The issue's case (loracuda.benchmarking.train_suite.train_shape): hidden 1024, intermediate 2816,
+The train suite's case (bench/suites/train.py, train_shape): hidden 1024, intermediate 2816,
 4 layers, r = 16 on every linear layer but the head, float32, batch 4 x 256 tokens, on the CPU:
 forward, cross-entropy, backward, AdamW on the LoRA factors. All four (provider, dropout) steps are
 timed in interleaved rounds (the order rotates each round, so load from elsewhere falls on all of
@@ -28,9 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
-from loracuda.benchmarking import memory  # noqa: E402
-from loracuda.benchmarking import train_suite as T  # noqa: E402
-from loracuda.benchmarking.suites import SuiteContext  # noqa: E402
+from bench.harness import memory  # noqa: E402
+from bench.harness.cases import SuiteContext  # noqa: E402
+from bench.suites import train as T  # noqa: E402
 
 DROPOUTS = (0.0, 0.1)
 

@@ -17,9 +17,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the in-place build
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from model_setup import randomize_lora_b  # noqa: E402  (bench/ is on the path when run as a script)
+from bench.model_setup import randomize_lora_b  # noqa: E402
 
 
 def main():

@@ -2,12 +2,17 @@
 //
 // Each op's checks run before anything is allocated or written, so a rejected call leaves every
 // tensor as it was. Messages name the op and the argument: "loracuda.merge_: argument 'lora_b' ...".
-// Shapes use the notation of DESIGN.md: x [M, K], lora_a [R, K] with R = S * r (S slices),
-// lora_b [N, r], y [M, N], weight [N, K] (or [K, N] when transposed).
+// Shapes use the notation of docs/design.md, section 'Math and memory passes': x [M, K],
+// lora_a [R, K] with R = S * r (S slices), lora_b [N, r], y [M, N], weight [N, K] (or [K, N] when
+// transposed).
 #pragma once
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <initializer_list>
+#include <utility>
 #include <optional>
 #include <vector>
 
@@ -59,9 +64,118 @@ inline void check_row_major_output(const at::Tensor& t, const char* op, const ch
                      t.strides(), " for shape ", t.sizes());
 }
 
+// The scale policy of every op: a scalar scale must be finite as a float32 (the kernels multiply in
+// float32; 1e39 is finite as a double but inf as a float32 and would write inf / NaN). NaN and
+// infinities are refused, never propagated.
+inline bool finite_as_float32(double v) { return std::isfinite(v) && std::fabs(v) <= 3.4028234663852886e38; }
+
 inline void check_finite_scalar(double v, const char* op, const char* arg) {
-  LORACUDA_CHECK_ARG(std::isfinite(v), op, arg, "must be finite, got ", v);
+  LORACUDA_CHECK_ARG(finite_as_float32(v), op, arg, "must be finite as a float32 (|", arg,
+                     "| <= 3.4028235e38), got ", v);
 }
+
+// ---- memory overlap ----------------------------------------------------------------------------
+// The one overlap rule of every op that writes into an argument (checked before anything is written):
+// (1) no two elements of a written tensor share memory (an expand()ed view, stride 0, or strides
+// that interleave), and (2) a written tensor shares no memory with any other tensor argument, in or
+// out. Kernels read inputs while they write outputs, in an order that depends on tiles and threads,
+// so an overlap would give schedule-dependent results (or, for the restore codes, corrupt memory).
+// The tests are exact where that is cheap and conservative otherwise: a layout they cannot prove
+// free of overlap is refused, with a message that says how to pass one (a .clone()).
+
+// True unless the elements of `t` provably occupy distinct memory: the dimensions of size > 1, by
+// increasing stride, must each step over everything the smaller ones span.
+inline bool may_overlap_itself(const at::Tensor& t) {
+  if (t.numel() <= 1) return false;
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) in elements, sizes > 1 only
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t span = 0;  // the largest offset the dimensions so far reach, in elements
+  for (const auto& [stride, size] : dims) {
+    if (stride <= span) return true;  // stride 0 (expand) included
+    span += stride * (size - 1);
+  }
+  return false;
+}
+
+inline void check_no_self_overlap(const at::Tensor& t, const char* op, const char* arg) {
+  LORACUDA_CHECK_ARG(!may_overlap_itself(t), op, arg,
+                     "is written by this op but has elements that share memory (strides ", t.strides(),
+                     " for shape ", t.sizes(),
+                     ": an expand()ed, stride-0 or overlapping view); pass a tensor with one memory location per "
+                     "element (e.g. .clone())");
+}
+
+namespace detail {
+
+// Where a non-empty tensor lies in memory, in bytes: [begin, end) holds every element, and when
+// `pitch` > 0 the tensor is rows of `width` bytes that start `pitch` bytes apart (2-D, rows not
+// wider than the pitch), so that column slices of one buffer can be told apart.
+struct Footprint {
+  uintptr_t begin = 0, end = 0;
+  int64_t pitch = 0, width = 0;
+};
+
+inline Footprint footprint(const at::Tensor& t) {
+  const int64_t item = static_cast<int64_t>(t.element_size());
+  int64_t extent = 0;  // offset of the last element, in elements
+  for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * t.stride(d);
+  Footprint f;
+  f.begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  f.end = f.begin + static_cast<uintptr_t>((extent + 1) * item);
+  f.width = static_cast<int64_t>(f.end - f.begin);  // one segment, unless rows are found below
+  if (t.dim() == 2 && t.size(0) > 1) {
+    const int64_t width = ((t.size(1) - 1) * t.stride(1) + 1) * item;
+    if (width <= t.stride(0) * item) {
+      f.pitch = t.stride(0) * item;
+      f.width = width;
+    }
+  }
+  return f;
+}
+
+// Do the rows of `rows` (pitch > 0) miss the segment [s, s + width) of `other`? Only when `other` is one
+// segment or has the same pitch, and its bytes fall, modulo the pitch, in the gap between rows.
+inline bool rows_miss(const Footprint& rows, const Footprint& other) {
+  if (other.pitch != 0 && other.pitch != rows.pitch) return false;
+  if (other.pitch == 0 && other.width > rows.pitch) return false;
+  const int64_t p = rows.pitch;
+  const int64_t diff = static_cast<int64_t>(other.begin) - static_cast<int64_t>(rows.begin);
+  const int64_t d = ((diff % p) + p) % p;  // where `other` starts within a row pitch of `rows`
+  return d >= rows.width && d + other.width <= p;
+}
+
+}  // namespace detail
+
+// True unless `a` and `b` provably share no byte: different devices, disjoint address ranges, or
+// row-interleaved column slices of one buffer (same row pitch, disjoint columns). Addresses, not
+// storage objects, decide: two storages made over one buffer (torch.frombuffer, from_blob) alias too.
+inline bool may_share_memory(const at::Tensor& a, const at::Tensor& b) {
+  if (!a.defined() || !b.defined() || a.numel() == 0 || b.numel() == 0) return false;
+  if (!a.has_storage() || !b.has_storage() || a.device() != b.device()) return false;
+  const detail::Footprint fa = detail::footprint(a), fb = detail::footprint(b);
+  if (fa.end <= fb.begin || fb.end <= fa.begin) return false;
+  if (fa.pitch > 0 && detail::rows_miss(fa, fb)) return false;
+  if (fb.pitch > 0 && detail::rows_miss(fb, fa)) return false;
+  return true;
+}
+
+// A tensor the op writes, and every other tensor argument (name, tensor; absent ones undefined).
+using NamedTensor = std::pair<const char*, const at::Tensor*>;
+
+inline void check_written_alone(const at::Tensor& written, const char* written_arg,
+                                std::initializer_list<NamedTensor> others, const char* op) {
+  check_no_self_overlap(written, op, written_arg);
+  for (const auto& [name, t] : others) {
+    if (t == nullptr || !t->defined()) continue;
+    LORACUDA_CHECK_ARG(!may_share_memory(written, *t), op, name, "shares memory with '", written_arg,
+                       "', which this op writes; pass separate tensors (e.g. .clone() one of them)");
+  }
+}
+
+inline const at::Tensor* optional_ptr(const std::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
 
 // dropout_p in [0, 1); when p > 0 the seed is an int64 tensor with one element, on the CPU or on
 // the device of the activations.
@@ -139,6 +253,7 @@ inline std::vector<int64_t> check_expand_add_args(const at::Tensor& y, const at:
   const int64_t slices = static_cast<int64_t>(offsets.size()) - 1;
   LORACUDA_CHECK_ARG(h.size(1) == slices * lora_b.size(1), op, "h", "must have S * r = ", slices, " * ",
                      lora_b.size(1), " columns, got shape ", h.sizes());
+  check_written_alone(y, "y", {{"h", &h}, {"lora_b", &lora_b}}, op);
   return offsets;
 }
 
@@ -165,6 +280,15 @@ inline void check_merge_args(const at::Tensor& weight, const at::Tensor& lora_a,
                      (transposed ? ", transposed" : ""), "), got shape ", lora_a.sizes());
   LORACUDA_CHECK_ARG(lora_b.size(0) == n && lora_b.size(1) == lora_a.size(0), op, "lora_b", "must be [N, r] = [", n,
                      ", ", lora_a.size(0), "], got shape ", lora_b.sizes());
+}
+
+// merge_, merge_exact_, unmerge_exact_ write the weight: it must share no memory with the factors, the
+// codes or the escape values (restore_codes only reads, and its codes are a fresh tensor).
+inline void check_merge_written(const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                const at::Tensor* codes, const at::Tensor* escape_values, const char* op) {
+  check_written_alone(weight, "weight",
+                      {{"lora_a", &lora_a}, {"lora_b", &lora_b}, {"codes", codes}, {"escape_values", escape_values}},
+                      op);
 }
 
 // The restore record of an exact merge: 2 bits per weight element, 4 elements per byte.
@@ -254,6 +378,10 @@ inline std::vector<int64_t> check_backward_args(const at::Tensor& grad_y, const 
     LORACUDA_CHECK_ARG(gx.size(0) == m && gx.size(1) == k, op, "grad_x", "must be [M, K] = [", m, ", ", k,
                        "], got shape ", gx.sizes());
     check_row_major_output(gx, op, "grad_x");
+    check_written_alone(gx, "grad_x",
+                        {{"grad_y", &grad_y}, {"x", &x}, {"h", &h}, {"lora_a", &lora_a}, {"lora_b", &lora_b},
+                         {"seed", optional_ptr(seed)}},
+                        op);
   }
   return offsets;
 }
@@ -336,6 +464,10 @@ inline std::vector<int64_t> check_multi_expand_add_args(const at::Tensor& y, con
   check_adapter_table(scales, adapters, at::kFloat, "float32", y, op, "scales", "y");
   check_adapter_table(ranks, adapters, at::kInt, "int32", y, op, "ranks", "y");
   check_adapter_ids(adapter_ids, y.size(0), y, op, "y");
+  check_written_alone(y, "y",
+                      {{"h", &h}, {"lora_b_all", &lora_b_all}, {"scales", &scales}, {"ranks", &ranks},
+                       {"adapter_ids", &adapter_ids}},
+                      op);
   return offsets;
 }
 
@@ -351,6 +483,19 @@ inline void check_multi_values_cpu(const at::Tensor& ranks, int64_t r_max, const
   for (int64_t m = 0; m < adapter_ids.size(0); ++m) {
     LORACUDA_CHECK_ARG(ip[m] >= -1 && ip[m] < ranks.size(0), op, "adapter_ids", "must hold ids in [-1, L = ",
                        ranks.size(0), "), got ", ip[m], " at row ", m);
+  }
+}
+
+// CPU only: the scale of every adapter a token uses must be finite (the policy of check_finite_scalar
+// for the scalar scale of the other ops). CUDA kernels cannot read the table without a host
+// synchronisation; there a non-finite scale propagates into its tokens' rows, as in the reference.
+inline void check_multi_scales_cpu(const at::Tensor& scales, const at::Tensor& adapter_ids, const char* op) {
+  const float* sp = scales.const_data_ptr<float>();
+  const int32_t* ip = adapter_ids.const_data_ptr<int32_t>();
+  for (int64_t m = 0; m < adapter_ids.size(0); ++m) {
+    if (ip[m] < 0) continue;
+    LORACUDA_CHECK_ARG(std::isfinite(sp[ip[m]]), op, "scales", "must be finite for every adapter a token uses, got ",
+                       sp[ip[m]], " for adapter ", ip[m], " (used by row ", m, ")");
   }
 }
 

@@ -2,7 +2,7 @@
 //   y = x @ weight^T (+ bias)          the base GEMM (BLAS / cuBLAS), untouched
 //   h = shrink(x, lora_a, p, seed)     [M, R] float32
 //   expand_add_(y, h, lora_b, scale)   in place into y: one read-modify-write of y
-// Returns (y, h); the autograd formula (loracuda/functional.py) saves x, h and the seed.
+// Returns (y, h); the autograd formula (csrc/lora_linear_autograd.cpp) saves x, h and the seed.
 // Registered for CPU and CUDA alike: the ops it calls dispatch to the device's kernels.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -53,6 +53,7 @@ std::tuple<Tensor, Tensor> lora_linear(const Tensor& x, const Tensor& weight, co
   }
   // Check the adapter arguments before the base GEMM runs, so a bad adapter costs nothing.
   check_shrink_args(x, lora_a, dropout_p, seed, op);
+  check_finite_scalar(scale, op, "scale");
   LORACUDA_CHECK_ARG(lora_b.dim() == 2 && lora_b.size(0) == weight.size(0), op, "lora_b",
                      "must be [N, r] with N = ", weight.size(0), " (from 'weight'), got shape ", lora_b.sizes());
   const auto offsets = check_slice_offsets(slice_offsets, weight.size(0), op);

@@ -30,10 +30,14 @@ from .inject import combine_adapters, delete_adapter, disable_adapters, from_pef
 from .merge import MergeReport, merge, unmerge
 from .peft_io import hot_swap, load_adapter, save_adapter
 from .serving import AdapterPool
+from .integrations import apply_to_peft, remove_from_peft, to_peft
 
 __all__ = ["__version__", "build_info", "grouped_lora_linear", "lora_linear", "ops"]
 __all__ += [
     "AdapterPool",
+    "apply_to_peft",
+    "remove_from_peft",
+    "to_peft",
     "LoraConfig",
     "LoRALinear",
     "MergeReport",

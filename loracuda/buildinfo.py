@@ -5,6 +5,8 @@ import torch
 from ._extension import _C
 from .version import __version__
 
+# Every op of csrc/ops.cpp (tests/test_cuda_build.py checks each has a CUDA kernel; tests/test_buildinfo.py
+# checks this list against the registered schemas).
 _OPS = (
     "shrink",
     "expand_add_",

@@ -1,5 +1,5 @@
 """LoraConfig: what to adapt and how, its conversion to and from PEFT's adapter_config.json, and the
-matching of module paths against target patterns (DESIGN.md §6).
+matching of module paths against target patterns (docs/design.md, section 'PEFT adapter format').
 
 Matching follows PEFT's rules so that a config means the same model on both sides:
 - ``target_modules`` as a list: a module matches when its path equals an entry or ends with ``"." + entry``;
@@ -21,6 +21,8 @@ import re
 from typing import Any, Optional, Union
 
 from torch import nn
+
+from .linear_kinds import is_conv1d, is_linear_like, linear_layout  # noqa: F401 (public here too)
 
 ALL_LINEAR = "all-linear"
 CONFIG_NAME = "adapter_config.json"
@@ -52,39 +54,6 @@ _PEFT_KNOWN = {
 # (any truthy value) is refused instead of being loaded as a silently different model.
 _UNSUPPORTED = ("use_dora", "lora_bias", "use_qalora", "use_bdlora", "layer_replication", "target_parameters",
                 "trainable_token_indices", "megatron_config")
-
-
-def _conv1d_class():
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except Exception:  # transformers is optional
-        return None
-    return Conv1D
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """True for transformers' Conv1D (a linear layer whose weight is stored [K, N])."""
-    cls = _conv1d_class()
-    return cls is not None and isinstance(module, cls)
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
-def linear_layout(base_layer: nn.Module, owner: str) -> tuple[bool, int, int]:
-    """(fan_in_fan_out, in_features K, out_features N) of an nn.Linear (weight [N, K]) or a transformers
-    Conv1D (weight [K, N], fan_in_fan_out True); TypeError naming ``owner``'s argument otherwise."""
-    if isinstance(base_layer, nn.Linear):
-        n, k = base_layer.weight.shape
-        return False, k, n
-    if is_conv1d(base_layer):
-        k, n = base_layer.weight.shape
-        return True, k, n
-    raise TypeError(
-        f"loracuda.{owner}: argument 'base_layer' must be an nn.Linear or transformers Conv1D, "
-        f"got {type(base_layer).__name__}"
-    )
 
 
 @dataclasses.dataclass
@@ -119,8 +88,13 @@ class LoraConfig:
     init: str = "default"
     layers_pattern: Union[None, str, list[str]] = None
     peft_extra: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+    # PEFT's names, accepted as keyword arguments: LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05).
+    # Not stored: they set alpha / dropout (and read back as properties of the same names).
+    lora_alpha: dataclasses.InitVar[Optional[float]] = None
+    lora_dropout: dataclasses.InitVar[Optional[float]] = None
 
-    def __post_init__(self):
+    def __post_init__(self, lora_alpha=None, lora_dropout=None):
+        self._take_peft_names(lora_alpha, lora_dropout)
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"LoraConfig: argument 'r' must be an int >= 1, got {self.r!r}")
         if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not math.isfinite(self.alpha):
@@ -163,6 +137,18 @@ class LoraConfig:
             self.layers_to_transform = [int(i) for i in wanted]
         if not isinstance(self.use_rslora, bool):
             raise ValueError(f"LoraConfig: argument 'use_rslora' must be a bool, got {self.use_rslora!r}")
+
+    def _take_peft_names(self, lora_alpha, lora_dropout) -> None:
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for peft_name, name, value in (("lora_alpha", "alpha", lora_alpha), ("lora_dropout", "dropout", lora_dropout)):
+            if isinstance(value, property):  # not given: the dataclass passes the class attribute's default
+                value = None
+            if value is None:
+                continue
+            if getattr(self, name) != defaults[name] and getattr(self, name) != value:
+                raise ValueError(f"LoraConfig: arguments '{name}' and '{peft_name}' (its PEFT name) disagree: "
+                                 f"{getattr(self, name)!r} and {value!r}; give one of them")
+            setattr(self, name, value)
 
     # ---- per-module values ----------------------------------------------------------------------
 
@@ -447,3 +433,18 @@ def _pattern_key(patterns: Optional[dict], path: str) -> Optional[str]:
         if re.match(rf"(.*\.)?({key})$", path):
             return key
     return None
+
+
+# Read access under PEFT's names (the InitVars above only take them at construction).
+LoraConfig.lora_alpha = property(lambda self: self.alpha, doc="PEFT's name for alpha")
+LoraConfig.lora_dropout = property(lambda self: self.dropout, doc="PEFT's name for dropout")
+
+
+def as_loracuda_config(config) -> "LoraConfig":
+    """``config`` as a loracuda LoraConfig: one passes through; a peft.LoraConfig (or any object with PEFT's
+    ``to_dict``) is converted with LoraConfig.from_peft (which refuses options loracuda does not implement)."""
+    if config is None or isinstance(config, LoraConfig):
+        return config
+    if hasattr(config, "to_dict") and hasattr(config, "peft_type"):
+        return LoraConfig.from_peft(config.to_dict())
+    raise TypeError(f"loracuda: argument 'config' must be a loracuda.LoraConfig or a peft.LoraConfig, got {type(config).__name__}")

@@ -70,6 +70,11 @@ def lora_linear(
     ``training`` and ``dropout_p > 0``; ``seed`` (int or int64 tensor) fixes the mask, else a fresh
     seed is drawn. Returns y [..., N] in x's dtype.
 
+    Double backward (``torch.autograd.grad(..., create_graph=True)``, e.g. a gradient penalty) is
+    supported: with grad mode on inside backward the gradients are computed by differentiable ATen ops
+    (dropout mask regenerated from the seed), so second derivatives with respect to x, weight, bias,
+    lora_a and lora_b are those of the plain-PyTorch layer. That path costs [M, K] temporaries.
+
     Under autocast (on x's device type) x, weight and bias are cast as F.linear's autocast rule casts
     them (see :func:`autocast_inputs`), the factors are kept, y comes out in the autocast dtype, and the
     op runs with autocast off so that the GEMMs inside it are not cast again (the op is opaque to
@@ -84,7 +89,7 @@ def lora_linear(
     if p > 0.0:
         # An int seed becomes a CPU tensor, which the kernels read on the host: a copy to the device
         # would be a blocking host-to-device copy (a host synchronisation).
-        seed_t = new_seed(x.device) if seed is None else ops.seed_tensor(seed)
+        seed_t = new_seed(x.device) if seed is None else ops.seed_tensor(seed, op="lora_linear")
     device_type = x.device.type
     if _autocast_enabled(device_type):
         x, weight, bias = autocast_inputs(x, weight, bias)

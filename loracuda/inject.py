@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Union
 import torch
 from torch import nn
 
-from .config import LoraConfig, is_conv1d
+from .config import LoraConfig, as_loracuda_config, is_conv1d
 from .layers import LoRALinear
 from .model_lock import locked
 
@@ -30,12 +30,6 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     for path, module in model.named_modules():
         if isinstance(module, LoRALinear):
             yield path, module
-
-
-def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, child, new)
 
 
 def _base(module: nn.Module) -> nn.Module:
@@ -75,9 +69,10 @@ def inject(model: nn.Module, config: LoraConfig = None, adapter: str = "default"
     one more adapter), adds adapter ``adapter`` to each, and freezes every parameter but the LoRA factors,
     the biases ``config.bias`` asks for and the ``modules_to_save`` parameters. Parameter names:
     ``<layer path>.lora_A.<adapter>`` [r, K] and ``<layer path>.lora_B.<adapter>`` [N, r]. With the default
-    init the model's outputs are unchanged. Returns ``model``. Raises, naming the patterns, when nothing
+    init the model's outputs are unchanged. ``config``: a loracuda.LoraConfig or a peft.LoraConfig (converted
+    with LoraConfig.from_peft). Returns ``model``. Raises, naming the patterns, when nothing
     matches; nothing is modified on any error."""
-    config = copy.deepcopy(config) if config is not None else LoraConfig()
+    config = copy.deepcopy(as_loracuda_config(config)) if config is not None else LoraConfig()
     if not isinstance(model, nn.Module):
         raise TypeError(f"loracuda.inject: argument 'model' must be an nn.Module, got {type(model).__name__}")
     if adapter in configs(model):
@@ -110,7 +105,7 @@ def inject(model: nn.Module, config: LoraConfig = None, adapter: str = "default"
             )
             done.append((path, original, module, training))
             if module is not original:
-                _set_module(model, path, module)
+                model.set_submodule(path, module)
             module.train(was_training)
         _freeze(model, config, paths)
     except BaseException:
@@ -119,14 +114,24 @@ def inject(model: nn.Module, config: LoraConfig = None, adapter: str = "default"
                 module.delete_adapter(adapter)
             module.train(training)
             if module is not original:
-                _set_module(model, path, original)
+                model.set_submodule(path, original)
         for p, flag in grad_flags:
             p.requires_grad_(flag)
         raise
     table = dict(configs(model))
     table[adapter] = config
     setattr(model, CONFIGS_ATTR, table)
+    _guard_full_saves(model)
     return model
+
+
+def _guard_full_saves(model: nn.Module) -> None:
+    # A transformers model's save_pretrained must write a folder transformers loads back correctly
+    # (loracuda.integrations.transformers); other models are left alone.
+    if hasattr(model, "save_pretrained") and hasattr(model, "config"):
+        from .integrations.transformers import guard_full_saves
+
+        guard_full_saves(model)
 
 
 def adapter_paths(model: nn.Module, adapter: str) -> list[str]:
@@ -188,7 +193,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     for p, layer in layers:
         layer.delete_adapter(name)
         if not layer.adapters:
-            _set_module(model, p, layer.base_layer)
+            model.set_submodule(p, layer.base_layer)
     table = dict(configs(model))
     table.pop(name, None)
     setattr(model, CONFIGS_ATTR, table)
@@ -297,18 +302,25 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     merge(model, exact=False)
     for path, layer in list(lora_layers(model)):
         layer.merged.clear()
-        _set_module(model, path, layer.base_layer)
+        model.set_submodule(path, layer.base_layer)
     if hasattr(model, CONFIGS_ATTR):
         delattr(model, CONFIGS_ATTR)
     return model
 
 
 def from_peft(peft_model: nn.Module) -> nn.Module:
-    """Converts an in-memory PEFT LoRA model (PeftModel or a LoraModel) to the underlying base model with
-    LoRALinear layers that hold the same parameter tensors (so an optimizer built on them keeps working)
-    and the same adapters, scales, dropout and active adapters. modules_to_save wrappers are replaced by
-    their active trained copy. The PEFT model must not be merged; DoRA and non-linear LoRA layers are
-    refused. Returns the base model (modified in place; the PEFT wrapper should not be used afterwards)."""
+    """A loracuda model (LoRALinear layers, loracuda's model API) that shares the parameters and buffers
+    of an in-memory PEFT LoRA model (PeftModel or LoraModel): the same adapters, scales, dropout and
+    active adapters; modules_to_save wrappers become their active trained copy. The PEFT model must not
+    be merged; DoRA and non-linear LoRA layers are refused.
+
+    The PEFT model itself is not taken apart: it stays a working PeftModel (save_pretrained, checkpoints,
+    merge_and_unload, ... as before), and it is switched to loracuda's kernels with
+    ``loracuda.apply_to_peft`` (so ``from_peft(trainer.model)`` inside a Trainer makes that training run
+    on loracuda and lose nothing). The returned model is a separate module tree over the same tensors:
+    an optimizer built on either trains both; use one of the two at a time for merging (a merge through
+    one changes the shared base weights under the other). To run a PEFT model on loracuda, call
+    ``apply_to_peft`` directly."""
     try:
         from peft.tuners.lora.layer import LoraLayer
         from peft.utils.other import ModulesToSaveWrapper
@@ -346,12 +358,21 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
             plan.append((path, module, None))
     if not any(b is not None for _, _, b in plan):
         raise ValueError("loracuda.from_peft: the PEFT model has no LoRA layers")
+    from .integrations.peft import apply_to_peft
+
+    apply_to_peft(peft_model)
+    # A structural copy: new module objects, the same parameter and buffer tensors (the memo maps each
+    # of them to itself), so the PEFT model keeps its own layers.
+    shared = {id(t): t for t in list(base.parameters()) + list(base.buffers())}
+    base = copy.deepcopy(base, memo=shared)
+    plan = [(path, base.get_submodule(path), None if b is None else base.get_submodule(path).get_base_layer())
+            for path, _, b in plan]
     for path, module, inner_base in plan:
         if inner_base is None:
             active = module.active_adapters if hasattr(module, "active_adapters") else [module.active_adapter]
             active = [a for a in active if a in module.modules_to_save]
             replacement = module.modules_to_save[active[0]] if active else module.original_module
-            _set_module(base, path, replacement)
+            base.set_submodule(path, replacement)
             continue
         layer = LoRALinear(inner_base)
         for n in module.lora_A:
@@ -364,6 +385,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         layer.active_adapters = [a for a in ([active] if isinstance(active, str) else active) if a in layer.lora_A]
         layer.disabled = bool(getattr(module, "disable_adapters", False))
         layer.train(module.training)
-        _set_module(base, path, layer)
+        base.set_submodule(path, layer)
     setattr(base, CONFIGS_ATTR, table)
+    _guard_full_saves(base)
     return base

@@ -5,18 +5,44 @@ Parameters of adapter ``name``: ``lora_A.<name>`` [r, K] and ``lora_B.<name>`` [
 ``<layer path>.lora_A.<name>``); the wrapped layer stays reachable as ``base_layer``, so its weight is
 ``<layer path>.base_layer.weight`` as in PEFT. Several active adapters are summed: their factors are
 stacked along the rank (B scaled by each adapter's scale), which is again one lora_linear call.
+
+``LoRALinear.impl`` chooses what that call runs: "kernels" (loracuda.lora_linear, the default) or
+"reference" (the plain-PyTorch formula of loracuda.reference, with autograd: a yardstick for timing and
+checking, never faster). ``use_impl(model, impl)`` switches every LoRALinear of a model for a block.
 """
 
+import contextlib
 import math
-from typing import Optional
+from typing import Iterator, Literal, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .config import linear_layout
+from .linear_kinds import linear_layout
 from .functional import autocast_inputs, lora_linear
 
 _FACTOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+Impl = Literal["kernels", "reference"]
+IMPLS: tuple[str, ...] = ("kernels", "reference")
+
+
+def _check_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"loracuda.LoRALinear: argument 'impl' must be one of {IMPLS}, got {impl!r}")
+    return impl
+
+
+def reference_lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, training=False, seed=None,
+                          slice_offsets=()) -> Tensor:
+    """loracuda.reference.lora_linear with loracuda.lora_linear's signature (leading dims, dropout only in
+    training, a fresh seed per call): what a LoRALinear with impl="reference" computes."""
+    from . import reference  # plain PyTorch; imported only when a layer is asked for it
+
+    p = dropout_p if training else 0.0
+    if p > 0.0 and seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)))
+    return reference.lora_linear(x, weight, bias, lora_a, lora_b, scale, p, seed, slice_offsets)
 
 
 class BaseLayerView:
@@ -39,10 +65,12 @@ class LoRALinear(BaseLayerView, nn.Module):
 
     Attributes: in_features K, out_features N, fan_in_fan_out (True for Conv1D), r / scaling / dropout_p
     per adapter (dicts), active_adapters (list of names), disabled (bool), merged (adapter name ->
-    merge record, see loracuda.merge)."""
+    merge record, see loracuda.merge), impl ("kernels" or "reference": what forward runs; see the module
+    docstring)."""
 
-    def __init__(self, base_layer: nn.Module):
+    def __init__(self, base_layer: nn.Module, impl: Impl = "kernels"):
         super().__init__()
+        self.impl: str = _check_impl(impl)
         self.fan_in_fan_out, self.in_features, self.out_features = linear_layout(base_layer, "LoRALinear")
         self.base_layer = base_layer
         self.lora_A = nn.ParameterDict()
@@ -156,18 +184,19 @@ class LoRALinear(BaseLayerView, nn.Module):
         x, weight, bias = autocast_inputs(x, weight, self.base_layer.bias)
         if x.dtype != weight.dtype:
             x = x.to(weight.dtype)
+        call = lora_linear if self.impl == "kernels" else reference_lora_linear
         p = self.dropout_p[names[0]]
         if len(names) == 1 or all(self.dropout_p[n] == p for n in names):
             a, b, scale = self._stacked(names, x.dtype)
-            return lora_linear(x, weight, bias, a, b, scale, p, self.training)
+            return call(x, weight, bias, a, b, scale, p, self.training)
         # Different dropout probabilities draw different masks: one call for the first adapter with the
         # base layer, then the others' contributions with a zero base (rare; correctness over speed).
         a, b, scale = self._stacked(names[:1], x.dtype)
-        y = lora_linear(x, weight, bias, a, b, scale, p, self.training)
+        y = call(x, weight, bias, a, b, scale, p, self.training)
         zero = torch.zeros((), dtype=weight.dtype, device=weight.device).expand_as(weight)
         for n in names[1:]:
             a, b, scale = self._stacked([n], x.dtype)
-            y = y + lora_linear(x, zero, None, a, b, scale, self.dropout_p[n], self.training)
+            y = y + call(x, zero, None, a, b, scale, self.dropout_p[n], self.training)
         return y
 
     def _factor(self, t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -192,3 +221,19 @@ class LoRALinear(BaseLayerView, nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, fan_in_fan_out={self.fan_in_fan_out}, "
             f"adapters={ {n: self.r[n] for n in self.adapters} }, active={self.active_adapters}, merged={list(self.merged)}"
         )
+
+
+@contextlib.contextmanager
+def use_impl(model: nn.Module, impl: Impl) -> Iterator[nn.Module]:
+    """Within the block, every LoRALinear in ``model`` (or ``model`` itself) runs ``impl`` ("kernels" or
+    "reference"); each layer's previous choice is restored on exit, also on error."""
+    _check_impl(impl)
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    previous = [m.impl for m in layers]
+    for m in layers:
+        m.impl = impl
+    try:
+        yield model
+    finally:
+        for m, old in zip(layers, previous):
+            m.impl = old

@@ -1,4 +1,5 @@
-"""Merge adapters into their base weights in place, and unmerge them bit-exactly (DESIGN.md §3).
+"""Merge adapters into their base weights in place, and unmerge them bit-exactly
+(docs/design.md, section 'Math and memory passes').
 
 Exact merge of W += s * B A (one rounding, deterministic) keeps a restore record instead of a copy of W:
 ops.merge_exact_ merges and returns, from the same single pass over W, 2 bits per element saying how

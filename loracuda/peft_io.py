@@ -1,4 +1,5 @@
-"""Adapter files in PEFT's folder format (DESIGN.md §6): save_adapter, load_adapter, hot_swap.
+"""Adapter files in PEFT's folder format (docs/design.md, section 'PEFT adapter format'): save_adapter, load_adapter,
+hot_swap.
 
 A folder holds adapter_config.json (PEFT's keys; unknown keys kept from loading are written back) and
 adapter_model.safetensors (metadata {"format": "pt"}) with, adapter name removed:
@@ -90,7 +91,10 @@ def save_adapter(model: nn.Module, path: str, adapter: str = "default") -> None:
     import safetensors.torch
 
     tensors = adapter_state_dict(model, adapter)
-    config = configs(model)[adapter].to_peft()
+    from .integrations.transformers import fill_adapter_metadata
+
+    # task_type / base_model_name_or_path from a transformers model (AutoPeftModelFor* need them).
+    config = fill_adapter_metadata(configs(model)[adapter].to_peft(), model)
     text = json.dumps(config, indent=2, sort_keys=True)
 
     def write_weights(file: str) -> None:

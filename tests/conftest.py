@@ -1,5 +1,5 @@
 """Test helpers shared by every test module: devices and kernel-availability skips, bitwise snapshots,
-poisoned allocations, and the tolerance rule of DESIGN.md §7.
+poisoned allocations, and the tolerance rule (docs/design.md, section 'Tolerance rule').
 
 Devices: every test runs on "cpu" and "cuda". The CUDA cases carry pytest.mark.cuda and are skipped,
 with the reason in the report, when no GPU is visible or when the op's CUDA kernel is not
@@ -102,7 +102,7 @@ def poisoned_allocations():
         torch.utils.deterministic.fill_uninitialized_memory = previous_fill
 
 
-# ---- the tolerance rule (DESIGN.md §7) ----------------------------------------------------------
+# ---- the tolerance rule (docs/design.md, section 'Tolerance rule') ----------------------------------------
 
 # Unit roundoff u = 2^-p of each dtype's p-bit significand: the largest relative error of one
 # rounding to nearest.

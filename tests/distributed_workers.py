@@ -1,6 +1,6 @@
 """Worker processes of tests/test_distributed.py: one process per rank on loopback (gloo, CPU).
 
-Run as ``python tests/distributed_workers.py <ddp|fsdp2> <rank> <world size> <port> <out dir>``; each
+Run as ``python tests/distributed_workers.py <ddp|fsdp2|peft-ddp> <rank> <world size> <port> <out dir>``; each
 rank writes what the test compares to ``<out dir>/<mode>-rank<rank>.pt`` (and rank 0 of fsdp2 the
 adapter folder ``<out dir>/adapter``). The model, its adapter and the data are built here and by the
 test's single-process run from the same functions, so both see the same numbers.
@@ -34,6 +34,21 @@ def build(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     return model.to(dtype).train()
 
 
+def build_peft(dtype: torch.dtype = torch.float32, accelerate: bool = True) -> torch.nn.Module:
+    """The same tiny Llama as a PEFT model (every linear layer, B random), on loracuda's kernels
+    (loracuda.apply_to_peft) unless ``accelerate`` is False."""
+    import peft
+
+    model = peft.get_peft_model(llama(seed=0, layers=2), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    randomize_adapters(model, scale_b=0.05)
+    if accelerate:
+        loracuda.apply_to_peft(model)
+    return model.to(dtype).train()
+
+
+BUILDERS = {"ddp": build, "fsdp2": build, "peft-ddp": build_peft}
+
+
 def batch() -> torch.Tensor:
     return ids(batch=BATCH, length=LENGTH, seed=1)
 
@@ -47,10 +62,10 @@ def trainable(model: torch.nn.Module) -> list:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def single_process_run(dtype: torch.dtype = torch.float32) -> dict:
+def single_process_run(dtype: torch.dtype = torch.float32, builder=build) -> dict:
     """The reference: STEPS AdamW steps on the whole batch in one process. Returns the losses, the first
     step's gradients and the final trainable parameters, by parameter name."""
-    model = build(dtype)
+    model = builder(dtype)
     params = trainable(model)
     opt = torch.optim.AdamW([p for _, p in params], lr=LR)
     tokens = batch()
@@ -71,11 +86,11 @@ def _local_batch(rank: int, world: int) -> torch.Tensor:
     return batch()[rank * per : (rank + 1) * per]
 
 
-def run_ddp(rank: int, world: int, out: str) -> None:
+def run_ddp(rank: int, world: int, out: str, mode: str = "ddp") -> None:
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    model = build()
+    model = BUILDERS[mode]()
     ddp = DDP(model)
     communicated = []  # the tensors of every bucket the reducer all-reduces
 
@@ -109,7 +124,7 @@ def run_ddp(rank: int, world: int, out: str) -> None:
             "communicated": first_communicated,
             "requires_grad": sorted(n for n, _ in params),
         },
-        os.path.join(out, f"ddp-rank{rank}.pt"),
+        os.path.join(out, f"{mode}-rank{rank}.pt"),
     )
 
 
@@ -164,7 +179,10 @@ def main() -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=90))
     try:
-        {"ddp": run_ddp, "fsdp2": run_fsdp2}[mode](rank, world, out)
+        if mode == "fsdp2":
+            run_fsdp2(rank, world, out)
+        else:
+            run_ddp(rank, world, out, mode)
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -1,10 +1,11 @@
-"""The sample inputs of every loracuda op: one case grid and one builder per op.
+"""The sample inputs of the single-adapter loracuda ops (the multi-LoRA ops draw theirs in
+tests/test_multi_lora_ops.py): one case grid and one builder per op.
 
 Every test module draws its inputs from here (comparison with loracuda.reference, opcheck, gradient
 checks, torch.compile), so a shape, dtype or layout added to the grid reaches all of them.
 
-A ``Case`` names the sizes (DESIGN.md notation: x [M, K], lora_a [R, K] with R = S * r, lora_b [N, r],
-y [M, N], weight [N, K] or [K, N] when transposed), the dtypes of the values and of the adapter
+A ``Case`` names the sizes (notation of docs/design.md, section 'Math and memory passes': x [M, K],
+lora_a [R, K] with R = S * r, lora_b [N, r], y [M, N], weight [N, K] or [K, N] when transposed), the dtypes of the values and of the adapter
 factors, the dropout probability, the memory layout of the inputs and how the values are drawn:
 
 - values "random": normal values (scaled so that h and the LoRA term are O(1)) for float32 /

@@ -6,7 +6,8 @@ that dtype, and the factors stay float32: the kernels read bfloat16 / float16 x 
 directly, so the adapter path adds no cast copy of x (PEFT casts x to the factors' dtype). Checked by
 counting the copies of x-sized tensors (aten._to_copy, aten.copy_) with a TorchDispatchMode, against
 the frozen nn.Linear alone; and the results against a float64 reference of that meaning under the
-tolerance rule (DESIGN.md §7), plain PyTorch under autocast being the same computation in the same
+tolerance rule (docs/design.md, section 'Tolerance rule'), plain PyTorch under autocast being the same computation in
+the same
 dtype.
 """
 
@@ -69,7 +70,7 @@ def copies(fn, x, autocast_dtype, backward):
 
 def peft_layer(layer):
     """PEFT's LoRA layer over the same base layer, with the same float32 factors."""
-    from loracuda.benchmarking.providers import peft_linear
+    from bench.harness.providers import peft_linear
 
     return peft_linear(layer.weight, layer.lora_A["default"].detach(), layer.lora_B["default"].detach(),
                        layer.scaling["default"], layer.dropout_p["default"])

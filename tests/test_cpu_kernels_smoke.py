@@ -1,6 +1,7 @@
 """Quick checks of the CPU kernels against loracuda/reference.py on a few shapes.
 
-Tolerance (DESIGN.md §7): the kernel's error against a float64 reference is at most 2x (3x for
+Tolerance (docs/design.md, section 'Tolerance rule'): the kernel's error against a float64 reference is at most 2x
+(3x for
 gradients) the error of plain PyTorch computing the same thing in the same dtype. A floor of a few
 units of float64 rounding covers results that plain PyTorch happens to get exactly right.
 """

@@ -1,4 +1,5 @@
-"""torch.library.opcheck for every loracuda op on a few samples each: the schema (mutation and
+"""torch.library.opcheck for the single-adapter loracuda ops on a few samples each (the multi-LoRA ops,
+multi_shrink and multi_expand_add_, are opchecked in tests/test_multi_lora_ops.py): the schema (mutation and
 aliasing as declared), the fake implementation (shapes, dtypes, strides of real outputs), the
 autograd registration, and AOT dispatch with dynamic shapes."""
 

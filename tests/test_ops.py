@@ -304,7 +304,9 @@ GRAD_PARAMS = [
 @pytest.mark.parametrize("op, device_name, case", GRAD_PARAMS)
 def test_inputs_that_require_grad(op, device_name, case, grad_enabled):
     """Read-only inputs that require grad (adapter parameters, activations of a training step) give the
-    same bits as detached ones, with grad mode on or off, on shapes large enough to use several threads."""
+    same bits as detached ones, on shapes large enough to use several threads. With grad mode on, the
+    ops that write into an argument (they have no derivative) refuse them instead, naming the argument,
+    and write nothing: their gradient would otherwise be silently missing (csrc/inplace_autograd.cpp)."""
     device = use_device(device_name, op)
     build, _, names = BUILDERS_NEEDING[op]
     plain, tracked = build(case, device), build(case, device)
@@ -312,6 +314,13 @@ def test_inputs_that_require_grad(op, device_name, case, grad_enabled):
     for name in names:
         i = tracked.names.index(name)
         args[i] = args[i].detach().requires_grad_(True)
+    if grad_enabled and op in ("expand_add_", "merge_", "backward"):
+        before = {name: bit_pattern(g.buffer) for name, g in tracked.guards.items()}
+        with pytest.raises(RuntimeError, match=f"loracuda.{op} is not differentiable, but argument '{names[0]}'"):
+            getattr(torch.ops.loracuda, op)(*args)
+        for name, g in tracked.guards.items():
+            assert torch.equal(bit_pattern(g.buffer), before[name]), f"{op}: '{name}' written before the error"
+        return
     with torch.set_grad_enabled(grad_enabled):
         expected = plain.run()
         got = getattr(torch.ops.loracuda, op)(*args)

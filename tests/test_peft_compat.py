@@ -1,6 +1,6 @@
 """Same adapter, same logits: loracuda against PEFT on Llama, GPT-2 and a plain MLP, in float32 and
-bfloat16, whichever side wrote the adapter file (the tolerance rule, DESIGN.md §7; the float64
-reference is PEFT's model in float64 over the same, already rounded, base weights, on the CPU). On every
+bfloat16, whichever side wrote the adapter file (the tolerance rule, docs/design.md, section
+'Tolerance rule'; the float64 reference is PEFT's model in float64 over the same, already rounded, base weights, on the CPU). On every
 device: ours and PEFT's same-dtype model run on the device under test."""
 
 import copy

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import loracuda
-from loracuda.benchmarking.providers import peft_linear
+from bench.harness.providers import peft_linear
 
 M, K, N, R = 2048, 2048, 2048, 16
 SCALARS = 64  # bytes allowed beyond h: a few one-element tensors (the seed is 8)

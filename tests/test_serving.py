@@ -2,7 +2,8 @@
 
 - A mixed batch (1 to 64 distinct adapters of different ranks and targets, some sequences without an
   adapter) equals PEFT's mixed batch (``adapter_names``) and each sequence run alone through a model
-  with loracuda.load_adapter, under the tolerance rule (DESIGN.md §7; float64 reference: PEFT's mixed
+  with loracuda.load_adapter, under the tolerance rule (docs/design.md, section 'Tolerance rule'; float64 reference:
+  PEFT's mixed
   batch on a float64 copy of the model); rows with id -1 equal the base model bit for bit.
 - Per-token ids against the pool run on the plain-PyTorch reference ops (float32 and float64).
 - Loading, unloading and reloading slots equals a fresh pool bit for bit.
@@ -22,7 +23,7 @@ import torch
 import loracuda
 from conftest import DEVICES, snapshot, assert_unchanged, use_device
 from loracuda import AdapterPool, LoraConfig, reference
-from loracuda.benchmarking.providers import lora_layers_calling, reference_layer_call
+from loracuda.layers import use_impl
 from loracuda.serving import layer as pooled_layer
 from tiny_models import BUILDERS, assert_within_rule, ids as token_batch, randomize_adapters
 
@@ -138,7 +139,7 @@ def test_mixed_batch_matches_peft_and_each_sequence_alone(tmp_path, device_name,
         assert not torch.equal(ours[b], base_out[b]), f"sequence {b}: adapter {i} changed nothing"
         if i not in alone_models:
             alone_models[i] = loracuda.load_adapter(copy.deepcopy(base).to(device), folders[i])
-        with lora_layers_calling(reference_layer_call):
+        with use_impl(alone_models[i], "reference"):
             alone[b] = out(alone_models[i], tokens[b : b + 1].to(device)).double().cpu()[0]
     # The rule over the sequences with an adapter (a wrong adapter or scale in any one of them is off
     # by about 1e-2, far above the float32 rounding errors compared here).

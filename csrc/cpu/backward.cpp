@@ -1,4 +1,5 @@
-// CPU kernel of loracuda.backward: the LoRA part of a linear layer's backward (DESIGN.md §3).
+// CPU kernel of loracuda.backward: the LoRA part of a linear layer's backward
+// (docs/design.md, section 'Math and memory passes').
 //
 //   g      = scale * grad_y[:, slice] @ lora_b[slice]     [M, R]  ┐ the pass over grad_y
 //   grad_b = scale * grad_y[:, slice]^T @ h[:, slice]     [N, r]  ┘

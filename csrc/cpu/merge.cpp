@@ -417,6 +417,7 @@ std::vector<int64_t> escape_offsets(const Tensor& weight, const uint8_t* codes) 
 
 void merge_(Tensor& weight, const Tensor& lora_a, const Tensor& lora_b, double scale, bool transposed) {
   check_merge_args(weight, lora_a, lora_b, scale, transposed, "merge_");
+  check_merge_written(weight, lora_a, lora_b, nullptr, nullptr, "merge_");
   run(weight, lora_a, lora_b, scale, transposed, Mode::merge, nullptr);
 }
 
@@ -449,6 +450,7 @@ void unmerge_exact_(Tensor& weight, const Tensor& lora_a, const Tensor& lora_b, 
   const char* op = "unmerge_exact_";
   check_merge_args(weight, lora_a, lora_b, scale, transposed, op);
   check_restore_codes(weight, codes, op);
+  check_merge_written(weight, lora_a, lora_b, &codes, optional_ptr(escape_values), op);
   const uint8_t* c = codes.const_data_ptr<uint8_t>();
   if (!escape_values.has_value()) {
     run(weight, lora_a, lora_b, scale, transposed, Mode::unmerge, const_cast<uint8_t*>(c));
@@ -471,6 +473,7 @@ std::tuple<Tensor, Tensor> merge_exact_(Tensor& weight, const Tensor& lora_a, co
                                         bool transposed, int64_t max_record_bytes) {
   const char* op = "merge_exact_";
   check_merge_args(weight, lora_a, lora_b, scale, transposed, op);
+  check_merge_written(weight, lora_a, lora_b, nullptr, nullptr, op);
   const int64_t code_bytes = restore_code_bytes(weight.numel());
   // The codes alone already too large: refuse before any work.
   check_record_bytes(code_bytes, 0, weight.element_size(), max_record_bytes, op);

@@ -437,6 +437,7 @@ void multi_expand_add_(Tensor& y, const Tensor& h, const Tensor& lora_b_all, con
       check_multi_expand_add_args(y, h, lora_b_all, scales, ranks, adapter_ids, slice_offsets);
   const int64_t r_max = lora_b_all.size(2);
   check_multi_values_cpu(ranks, r_max, adapter_ids, "multi_expand_add_");
+  check_multi_scales_cpu(scales, adapter_ids, "multi_expand_add_");
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::ScalarType acc = accumulate_dtype(y.scalar_type());
   const int64_t m = y.size(0), n = y.size(1), r_total = h.size(1);

@@ -1,4 +1,5 @@
-// backward of one LoRA linear layer (formulas in csrc/ops.cpp, DESIGN.md §3), in two passes:
+// backward of one LoRA linear layer (formulas in csrc/ops.cpp, docs/design.md, section 'Math and memory passes'), in
+// two passes:
 //
 //   pass over grad_y:  g      [M, R] = scale * grad_y[:, slice i] @ b[slice i]    (float32 scratch p.g)
 //                      grad_b [N, r] = scale * grad_y^T @ h (slice-wise)
@@ -243,7 +244,7 @@ __device__ __forceinline__ void write_chunk_sums(const float (&acc)[8][kRankTile
 #pragma unroll
           for (int jj = 0; jj < kRankTile; ++jj) {
             float* slot = red + ((t.tile * 8 + cc) * kRankTile + jj) * 32 + lane;
-            *slot = p == 0 ? acc[cc][jj] : *slot + acc[cc][jj];
+            shared_store(slot, p == 0 ? acc[cc][jj] : shared_load(slot) + acc[cc][jj]);
           }
         }
       }
@@ -257,7 +258,7 @@ __device__ __forceinline__ void write_chunk_sums(const float (&acc)[8][kRankTile
     for (int jj = 0; jj < kRankTile; ++jj) {
       const int64_t j = t.j0 + jj;
       if (cc < count && j < rank) {
-        const float v = t.phases > 1 ? red[((t.tile * 8 + cc) * kRankTile + jj) * 32 + lane] : acc[cc][jj];
+        const float v = t.phases > 1 ? shared_load(red + ((t.tile * 8 + cc) * kRankTile + jj) * 32 + lane) : acc[cc][jj];
         part[(c0 + cc) * rank + j] = v;
       }
     }
@@ -281,7 +282,7 @@ struct GradYPass {
 
 template <typename TV, typename TB>
 __global__ void __launch_bounds__(kThreads, 1) grad_y_pass_kernel(const GradYPass q, bool dy_vec) {
-  __shared__ __align__(16) float stage[kStageFloats];
+  LORACUDA_SHARED(float, stage, kStageFloats);
 
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -333,7 +334,7 @@ __global__ void __launch_bounds__(kThreads, 1) grad_y_pass_kernel(const GradYPas
       float v[8];
       row8_floats(loaded[i], v);
 #pragma unroll
-      for (int cc = 0; cc < 8; ++cc) stage[stage_slot(warp * kLoadRows + i, cc, lane)] = v[cc];
+      for (int cc = 0; cc < 8; ++cc) shared_store(stage + stage_slot(warp * kLoadRows + i, cc, lane), v[cc]);
     }
     __syncthreads();
     if (g0 + kGroupRows < m_end) {  // the next group's loads, in flight while this one is computed
@@ -345,7 +346,7 @@ __global__ void __launch_bounds__(kThreads, 1) grad_y_pass_kernel(const GradYPas
       const int64_t m = g0 + i;
       float d[8];
 #pragma unroll
-      for (int cc = 0; cc < 8; ++cc) d[cc] = stage[stage_slot(i, cc, lane)];
+      for (int cc = 0; cc < 8; ++cc) d[cc] = shared_load(stage + stage_slot(i, cc, lane));
       // grad_b: acc[cc][jj] += grad_y[m, c] * h[m, slice(c) * r + j].
       const float* hrow = q.h + m * R + t.j0;
       if (lane_uniform) {
@@ -466,12 +467,12 @@ __device__ __forceinline__ void grad_x_term(float (&lora)[kLoadRows][8], const X
     for (int e = threadIdx.x; e < kXRankChunk * kTileCols; e += kThreads) {
       const int jj = e / kTileCols, kl = e % kTileCols;
       const int64_t j = j0 + jj, k = tile0 + kl;
-      a_s[((kl & 7) * 32 + (kl >> 3)) * kAStride + jj] = j < R && k < K ? load_float(a + j * K + k) : 0.0f;
+      shared_store(a_s + ((kl & 7) * 32 + (kl >> 3)) * kAStride + jj, j < R && k < K ? load_float(a + j * K + k) : 0.0f);
     }
     for (int e = threadIdx.x; e < kGroupRows * kXRankChunk; e += kThreads) {
       const int row = e / kXRankChunk, jj = e % kXRankChunk;
       const int64_t j = j0 + jj;
-      g_s[e] = row < rows && j < R ? q.g[(g0 + row) * R + j] : 0.0f;
+      shared_store(g_s + e, row < rows && j < R ? q.g[(g0 + row) * R + j] : 0.0f);
     }
     __syncthreads();
     expand_tile_fma<kLoadRows, kXRankChunk, kAStride>(lora, g_s, a_s, row0, lane, 1, sl, true);
@@ -480,7 +481,7 @@ __device__ __forceinline__ void grad_x_term(float (&lora)[kLoadRows][8], const X
 
 template <typename TV, typename TA>
 __global__ void __launch_bounds__(kThreads, 1) x_pass_kernel(const XPass q, bool x_vec, bool gx_vec) {
-  __shared__ __align__(16) float stage[kStageFloats];
+  LORACUDA_SHARED(float, stage, kStageFloats);
 
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -522,7 +523,7 @@ __global__ void __launch_bounds__(kThreads, 1) x_pass_kernel(const XPass q, bool
             !drop.enabled || (row < rows && cc < count &&
                               dropout_keep(drop.key, static_cast<uint64_t>(m * K + c0 + cc), drop.threshold));
         if (keep) keep_bits |= 1u << (i * 8 + cc);
-        stage[stage_slot(row, cc, lane)] = masked(drop, keep, v[cc]);
+        shared_store(stage + stage_slot(row, cc, lane), masked(drop, keep, v[cc]));
       }
     }
     __syncthreads();
@@ -536,7 +537,7 @@ __global__ void __launch_bounds__(kThreads, 1) x_pass_kernel(const XPass q, bool
         const int64_t m = g0 + i;
         float v[8];
 #pragma unroll
-        for (int cc = 0; cc < 8; ++cc) v[cc] = stage[stage_slot(i, cc, lane)];
+        for (int cc = 0; cc < 8; ++cc) v[cc] = shared_load(stage + stage_slot(i, cc, lane));
         float gv[kRankTile];
         load_rank_row(q.g + m * R + t.j0, t.j0, R, gv);
         column_step(acc, v, gv);
@@ -636,9 +637,8 @@ cudaError_t finalize_chunks(const float* partial, int64_t chunks, int64_t C, int
   if (count <= 0) return cudaSuccess;
   return dispatch_dtype(out_dtype, [&](auto to) {
     using TO = typename decltype(to)::type;
-    chunk_finalize_kernel<TO><<<grid_cap((count + 255) / 256, num_sms), 256, 0, stream>>>(
-        partial, chunks, C, r, alpha, static_cast<TO*>(out), out_c_stride, out_j_stride);
-    return cudaGetLastError();
+    return launch_kernel(LORACUDA_KERNEL(chunk_finalize_kernel<TO>), grid_cap((count + 255) / 256, num_sms), 256,
+                         stream, partial, chunks, C, r, alpha, static_cast<TO*>(out), out_c_stride, out_j_stride);
   });
 }
 
@@ -671,8 +671,7 @@ cudaError_t run_grad_y_pass(const BackwardParams& p) {
     const cudaError_t err = dispatch_value_adapter(p.value_dtype, p.b_dtype, [&](auto tv, auto tb) {
       using TV = typename decltype(tv)::type;
       using TB = typename decltype(tb)::type;
-      grad_y_pass_kernel<TV, TB><<<grid, kThreads, 0, p.stream>>>(q, dy_vec);
-      return cudaGetLastError();
+      return launch_kernel(LORACUDA_KERNEL(grad_y_pass_kernel<TV, TB>), grid, kThreads, p.stream, q, dy_vec);
     });
     if (err != cudaSuccess) return err;
   }
@@ -685,8 +684,8 @@ cudaError_t run_grad_y_pass(const BackwardParams& p) {
     f.num_slices = p.num_slices;
     for (int i = 0; i <= kMaxSlices; ++i) f.slice_offsets[i] = p.slice_offsets[i];
     f.scale = p.scale;
-    g_finalize_kernel<<<grid_cap((p.m * R + 255) / 256, p.num_sms), 256, 0, p.stream>>>(f);
-    const cudaError_t err = cudaGetLastError();
+    const cudaError_t err =
+        launch_kernel(LORACUDA_KERNEL(g_finalize_kernel), grid_cap((p.m * R + 255) / 256, p.num_sms), 256, p.stream, f);
     if (err != cudaSuccess) return err;
   }
   // grad_b [N, r] = scale * the chunk sums: out[n * r + j].
@@ -722,8 +721,7 @@ cudaError_t run_x_pass(const BackwardParams& p) {
     const cudaError_t err = dispatch_value_adapter(p.value_dtype, p.a_dtype, [&](auto tv, auto ta) {
       using TV = typename decltype(tv)::type;
       using TA = typename decltype(ta)::type;
-      x_pass_kernel<TV, TA><<<grid, kThreads, 0, p.stream>>>(q, x_vec, gx_vec);
-      return cudaGetLastError();
+      return launch_kernel(LORACUDA_KERNEL(x_pass_kernel<TV, TA>), grid, kThreads, p.stream, q, x_vec, gx_vec);
     });
     if (err != cudaSuccess) return err;
   }

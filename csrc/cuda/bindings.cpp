@@ -164,6 +164,7 @@ kc::MergeParams merge_params(const Tensor& weight, const Tensor& lora_a, const T
 void merge_cuda(Tensor& weight, const Tensor& lora_a, const Tensor& lora_b, double scale, bool transposed) {
   const char* op = "merge_";
   check_merge_args(weight, lora_a, lora_b, scale, transposed, op);
+  check_merge_written(weight, lora_a, lora_b, nullptr, nullptr, op);
   const c10::cuda::CUDAGuard guard(weight.device());
   if (weight.numel() == 0) return;
   Tensor a, b;
@@ -206,6 +207,7 @@ void unmerge_exact_cuda(Tensor& weight, const Tensor& lora_a, const Tensor& lora
   check_merge_args(weight, lora_a, lora_b, scale, transposed, op);
   check_restore_codes(weight, codes, op);
   if (escape_values.has_value()) check_escape_values(weight, *escape_values, op);
+  check_merge_written(weight, lora_a, lora_b, &codes, optional_ptr(escape_values), op);
   const c10::cuda::CUDAGuard guard(weight.device());
   Tensor pos;
   if (escape_values.has_value()) {
@@ -227,6 +229,7 @@ std::tuple<Tensor, Tensor> merge_exact_cuda(Tensor& weight, const Tensor& lora_a
                                             bool transposed, int64_t max_record_bytes) {
   const char* op = "merge_exact_";
   check_merge_args(weight, lora_a, lora_b, scale, transposed, op);
+  check_merge_written(weight, lora_a, lora_b, nullptr, nullptr, op);
   const int64_t code_bytes = restore_code_bytes(weight.numel());
   check_record_bytes(code_bytes, 0, weight.element_size(), max_record_bytes, op);
   const c10::cuda::CUDAGuard guard(weight.device());
@@ -574,6 +577,8 @@ Tensor grouped_weight_grad_cuda(const Tensor& grad_y, const Tensor& x, const Ten
 
 }  // namespace
 
+// The host build of this file (csrc/emulation/ops.cpp) exposes these functions to its own module instead.
+#if !defined(LORACUDA_EMULATION)
 TORCH_LIBRARY_IMPL(loracuda, CUDA, m) {
   m.impl("shrink", &shrink_cuda);
   m.impl("expand_add_", &expand_add_cuda);
@@ -590,5 +595,6 @@ TORCH_LIBRARY_IMPL(loracuda, CUDA, m) {
   m.impl("grouped_mm", &grouped_mm_cuda);
   m.impl("grouped_weight_grad", &grouped_weight_grad_cuda);
 }
+#endif
 
 }  // namespace loracuda

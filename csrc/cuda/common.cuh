@@ -1,15 +1,12 @@
 // Device helpers shared by the loracuda kernels: dtype dispatch, float conversion, 16-byte vector
 // access of 8 consecutive elements, the dropout of one element, the merge delta, and the inner
 // products of the shrink and expand tiles (float32 FMA, and the tensor-core warp tile on mma.cuh).
-// CUDA headers only (no torch): see DESIGN.md §2.
+// CUDA headers only (no torch), through device_api.cuh.
 #pragma once
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <cstdint>
 
 #include "../dropout_hash.h"
+#include "device_api.cuh"
 #include "mma.cuh"
 #include "params.h"
 
@@ -115,12 +112,12 @@ template <typename T>
 __device__ __forceinline__ void load8_rw(const T* p, bool vec, int count, T (&out)[8]) {
   if (vec) {
     if constexpr (sizeof(T) == 4) {
-      const float4 lo = reinterpret_cast<const float4*>(p)[0];
-      const float4 hi = reinterpret_cast<const float4*>(p)[1];
+      const float4 lo = load_vec16(float4, p);
+      const float4 hi = load_vec16(float4, p + 4);
       out[0] = lo.x; out[1] = lo.y; out[2] = lo.z; out[3] = lo.w;
       out[4] = hi.x; out[5] = hi.y; out[6] = hi.z; out[7] = hi.w;
     } else {
-      const uint4 raw = *reinterpret_cast<const uint4*>(p);
+      const uint4 raw = load_vec16(uint4, p);
       const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
       for (int c = 0; c < 8; ++c) out[c] = e[c];
@@ -135,14 +132,14 @@ template <typename T>
 __device__ __forceinline__ void store8(T* p, bool vec, int count, const T (&v)[8]) {
   if (vec) {
     if constexpr (sizeof(T) == 4) {
-      reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
-      reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+      store_vec16(reinterpret_cast<float4*>(p), make_float4(v[0], v[1], v[2], v[3]));
+      store_vec16(reinterpret_cast<float4*>(p) + 1, make_float4(v[4], v[5], v[6], v[7]));
     } else {
       uint4 raw;
       T* e = reinterpret_cast<T*>(&raw);
 #pragma unroll
       for (int c = 0; c < 8; ++c) e[c] = v[c];
-      *reinterpret_cast<uint4*>(p) = raw;
+      store_vec16(reinterpret_cast<uint4*>(p), raw);
     }
   } else {
 #pragma unroll
@@ -274,7 +271,7 @@ __device__ __forceinline__ void shrink_tile_fma(float (&acc)[kRows][kRankTile], 
     const float* a_row = a_s + (kk * 32 + lane) * kAStride;
 #pragma unroll
     for (int j4 = 0; j4 < kRankTile / 4; ++j4) {
-      const float4 av = *reinterpret_cast<const float4*>(a_row + j4 * 4);
+      const float4 av = shared_load_float4(a_row + j4 * 4);
 #pragma unroll
       for (int row = 0; row < kRows; ++row) {
         acc[row][j4 * 4 + 0] = fmaf(xv[row][kk], av.x, acc[row][j4 * 4 + 0]);
@@ -300,22 +297,21 @@ __device__ __forceinline__ void expand_tile_fma(float (&acc)[kRows][8], const fl
       float4 hv[kRows];
 #pragma unroll
       for (int row = 0; row < kRows; ++row) {
-        hv[row] = *reinterpret_cast<const float4*>(h_s + ((row0 + row) * S + sl[0]) * kRankChunk + j4 * 4);
+        hv[row] = shared_load_float4(h_s + ((row0 + row) * S + sl[0]) * kRankChunk + j4 * 4);
       }
 #pragma unroll
       for (int c = 0; c < 8; ++c) {
-        const float4 bv = *reinterpret_cast<const float4*>(b_s + (c * 32 + tx) * kBStride + j4 * 4);
+        const float4 bv = shared_load_float4(b_s + (c * 32 + tx) * kBStride + j4 * 4);
 #pragma unroll
         for (int row = 0; row < kRows; ++row) acc[row][c] = dot4_add(hv[row], bv, acc[row][c]);
       }
     } else {  // the thread's columns straddle a slice boundary
 #pragma unroll
       for (int c = 0; c < 8; ++c) {
-        const float4 bv = *reinterpret_cast<const float4*>(b_s + (c * 32 + tx) * kBStride + j4 * 4);
+        const float4 bv = shared_load_float4(b_s + (c * 32 + tx) * kBStride + j4 * 4);
 #pragma unroll
         for (int row = 0; row < kRows; ++row) {
-          const float4 hv =
-              *reinterpret_cast<const float4*>(h_s + ((row0 + row) * S + sl[c]) * kRankChunk + j4 * 4);
+          const float4 hv = shared_load_float4(h_s + ((row0 + row) * S + sl[c]) * kRankChunk + j4 * 4);
           acc[row][c] = dot4_add(hv, bv, acc[row][c]);
         }
       }

@@ -7,9 +7,6 @@
 // [256 x 16] chunk and h's [32 rows x S slices x 16] chunk in shared memory as float32 and every
 // thread accumulates its 4 x 8 outputs in registers; y is then read, added to once in float32 and
 // rounded once to its dtype.
-//
-// The same kernel serves backward's grad_x += dropped(g @ a): b = a^T through b_n_stride/b_j_stride
-// and the dropout applied to the added term (element index m * N + n).
 #include "common.cuh"
 
 namespace loracuda {
@@ -25,10 +22,9 @@ constexpr int kRankChunk = 16;
 constexpr int kBStride = kRankChunk + 4;
 
 template <typename TY, typename TB>
-__global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandParams p, int64_t b_n_stride, int64_t b_j_stride,
-                                                          bool y_vec) {
-  __shared__ __align__(16) float b_s[kBlockCols * kBStride];
-  __shared__ __align__(16) float h_s[kBlockRows * kMaxSlices * kRankChunk];
+__global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandParams p, bool y_vec) {
+  LORACUDA_SHARED(float, b_s, kBlockCols * kBStride);
+  LORACUDA_SHARED(float, h_s, kBlockRows * kMaxSlices * kRankChunk);
 
   const int tx = threadIdx.x & 31;
   const int ty = threadIdx.x >> 5;
@@ -64,13 +60,13 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandParams p, 
   for (int64_t j0 = 0; j0 < r; j0 += kRankChunk) {
     __syncthreads();  // the previous chunk is no longer read
     // b chunk: column nl of the tile at slot (nl % 8) * 32 + nl / 8 (lane nl / 8 reads it as its
-    // column nl % 8). Consecutive threads follow the unit stride of b.
+    // column nl % 8). Consecutive threads follow b [N, r]'s unit stride (along j).
     for (int q = threadIdx.x; q < kBlockCols * kRankChunk; q += kThreads) {
-      const int jj = b_j_stride == 1 ? q % kRankChunk : q / kBlockCols;
-      const int nl = b_j_stride == 1 ? q / kRankChunk : q % kBlockCols;
+      const int jj = q % kRankChunk;
+      const int nl = q / kRankChunk;
       const int64_t n = n_tile0 + nl, j = j0 + jj;
-      const float v = (n < N && j < r) ? load_float(b + n * b_n_stride + j * b_j_stride) : 0.0f;
-      b_s[((nl & 7) * 32 + (nl >> 3)) * kBStride + jj] = v;
+      const float v = (n < N && j < r) ? load_float(b + n * r + j) : 0.0f;
+      shared_store(b_s + ((nl & 7) * 32 + (nl >> 3)) * kBStride + jj, v);
     }
     // h chunk: (row, slice, jj) at (row * S + slice) * 16 + jj.
     const int h_count = kBlockRows * S * kRankChunk;
@@ -80,14 +76,13 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandParams p, 
       const int s = rem / kRankChunk;
       const int jj = rem - s * kRankChunk;
       const int64_t m = m_tile0 + row, j = j0 + jj;
-      h_s[q] = (m < M && j < r) ? h[m * h_width + s * r + j] : 0.0f;
+      shared_store(h_s + q, (m < M && j < r) ? h[m * h_width + s * r + j] : 0.0f);
     }
     __syncthreads();
 
     expand_tile_fma<kRowsPerThread, kRankChunk, kBStride>(acc, h_s, b_s, ty * kRowsPerThread, tx, S, sl, uniform);
   }
 
-  const DeviceDropout drop = make_device_dropout(p.dropout);
   const int count = N - n0 >= 8 ? 8 : (N - n0 > 0 ? static_cast<int>(N - n0) : 0);
   TY* __restrict__ y = static_cast<TY*>(p.y);
 #pragma unroll
@@ -100,9 +95,7 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandParams p, 
     load8_rw(yp, vec, count, yv);
 #pragma unroll
     for (int c = 0; c < 8; ++c) {
-      float v = p.scale * acc[row][c];
-      if (drop.enabled) v = apply_dropout(drop, static_cast<uint64_t>(m * N + n0 + c), v);
-      yv[c] = from_float<TY>(to_float(yv[c]) + v);
+      yv[c] = from_float<TY>(to_float(yv[c]) + p.scale * acc[row][c]);
     }
     store8(yp, vec, count, yv);
   }
@@ -116,19 +109,13 @@ cudaError_t launch_expand_add(const ExpandParams& p) {
   const int64_t row_tiles = (p.m + kBlockRows - 1) / kBlockRows;
   const int64_t col_tiles = (p.n + kBlockCols - 1) / kBlockCols;
   if (row_tiles > 0x7fffffff || col_tiles > 65535) return cudaErrorInvalidConfiguration;
-  int64_t b_n_stride = p.b_n_stride, b_j_stride = p.b_j_stride;
-  if (b_n_stride == 0 && b_j_stride == 0) {  // b [N, r] contiguous
-    b_n_stride = p.r;
-    b_j_stride = 1;
-  }
   const int y_bytes = p.y_dtype == DType::kFloat32 ? 4 : 2;
   const bool y_vec = vector_rows_ok(p.y, p.y_row_stride, p.m, y_bytes);
   const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(col_tiles));
   return dispatch_value_adapter(p.y_dtype, p.b_dtype, [&](auto ty, auto tb) {
     using TY = typename decltype(ty)::type;
     using TB = typename decltype(tb)::type;
-    expand_kernel<TY, TB><<<grid, kThreads, 0, p.stream>>>(p, b_n_stride, b_j_stride, y_vec);
-    return cudaGetLastError();
+    return launch_kernel(LORACUDA_KERNEL(expand_kernel<TY, TB>), grid, kThreads, p.stream, p, y_vec);
   });
 }
 

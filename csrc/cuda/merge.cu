@@ -138,13 +138,11 @@ cudaError_t launch_mode(const MergeParams& p) {
     const bool w_vec = vector_rows_ok(p.weight, p.k, p.n, elem_bytes);
     const bool a_vec = vector_rows_ok(p.a, p.k, p.r, static_cast<int>(sizeof(TA)));
     const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(col_tiles));
-    merge_rows_kernel<T, TA, kMode><<<grid, kThreads, 0, p.stream>>>(p, w_vec, a_vec);
-  } else {
-    const int64_t groups = (p.n * p.k + 3) / 4;
-    merge_flat_kernel<T, TA, kMode>
-        <<<grid_cap((groups + kThreads - 1) / kThreads, p.num_sms), kThreads, 0, p.stream>>>(p);
+    return launch_kernel(LORACUDA_KERNEL(merge_rows_kernel<T, TA, kMode>), grid, kThreads, p.stream, p, w_vec, a_vec);
   }
-  return cudaGetLastError();
+  const int64_t groups = (p.n * p.k + 3) / 4;
+  return launch_kernel(LORACUDA_KERNEL(merge_flat_kernel<T, TA, kMode>),
+                       grid_cap((groups + kThreads - 1) / kThreads, p.num_sms), kThreads, p.stream, p);
 }
 
 }  // namespace

@@ -1,7 +1,8 @@
 // One tensor-core instruction for the shrink kernels: the warp-wide matrix multiply-accumulate
 //   mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32   D [16 x 8] = A [16 x 16] B [16 x 8] + C
 // with bf16 or fp16 operands and float32 accumulators (products of two 16-bit values are exact in
-// float32; the sums are float32). CUDA headers only (no torch): see DESIGN.md §2 and §4.
+// float32; the sums are float32). CUDA headers only (no torch): see docs/design.md, sections 'Architecture' and
+// 'CUDA kernel notes'.
 // Status: compiled for sm_80 / sm_90 (HMMA.16816.F32[.BF16] in the SASS), not yet run on a GPU.
 //
 // Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"). For lane
@@ -32,12 +33,13 @@
 // shuffles and float32 FMAs, so every kernel built on it stays correct there, only slower; the
 // default build (sm_80, sm_90) never compiles that branch.
 #pragma once
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <cstdint>
 #include <type_traits>
+
+#include "device_api.cuh"
+#if defined(LORACUDA_MMA_EMULATION)
+#include "../emulation/mma_emulation.h"
+#endif
 
 namespace loracuda {
 namespace cuda {
@@ -56,7 +58,7 @@ struct MmaOperand<__half> {
   static constexpr bool kSupported = true;
 };
 
-#if !(defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
+#if !(defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) && !defined(LORACUDA_MMA_EMULATION)
 // The fallback's view of one 32-bit register: its two elements as float32 (low half first).
 template <typename T>
 __device__ __forceinline__ float2 mma_unpack(uint32_t w) {
@@ -94,6 +96,10 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   }
+#elif defined(LORACUDA_MMA_EMULATION)
+  // The host build of the kernels (csrc/emulation): the instruction emulated lane by lane from the PTX
+  // fragment layout above, as a warp collective (every lane must arrive at this call together).
+  ::loracuda_emu::mma_m16n8k16<std::is_same<T, __half>::value>(d, a, b, LORACUDA_EMU_SITE);
 #else
   // Lane (g, t) needs D rows g and g + 8, columns n = 2t and 2t + 1, summed over the 16 k slots. Slot
   // pair (2u, 2u+1) and (2u+8, 2u+9) of A row g sits in lane 4g + u (a[0] / a[2]; row g + 8: a[1] /

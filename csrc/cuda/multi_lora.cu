@@ -14,15 +14,21 @@
 //  - prefill (larger M: segments of tokens that share an adapter): a block owns a tile of 32
 //    tokens (and 16 rows of a, or 256 columns of y). When every token of the tile uses the same
 //    adapter (decided in the kernel from the ids) the adapter's tile is staged in shared memory
-//    once for all 32 tokens, with the layouts of shrink.cu and expand.cu; otherwise each token does
-//    the decode path's per-token work. Shrink splits K here too when the tiles leave the chip idle.
+//    once for all 32 tokens, with the layouts of shrink.cu and expand.cu; otherwise (expand) each
+//    token does the decode path's per-token work. Shrink splits K here too when the tiles leave the
+//    chip idle.
 //  - prefill shrink with bf16 / fp16 x and a of the same dtype runs on tensor cores instead: one
 //    warp owns 32 tokens x 8, 16 or 32 rows of a (as shrink.cu's tensor-core path) and checks on its
 //    own (a warp vote over the 32 ids) whether its tokens share an adapter. If they do, it streams
 //    K through mma.sync m16n8k16 (common.cuh: shrink_warp_mma), reading only the rows within the
-//    adapter's rank; if not, its tokens take the decode path's per-token work one by one. No shared
-//    memory, no barrier. float32 a keeps the FMA kernel (rounding it to 16 bits would add an error
-//    plain PyTorch does not make, DESIGN.md §7). Compiled (no spills on sm_80 / sm_90), not yet run
+//    adapter's rank. No shared memory, no barrier.
+//  - prefill shrink, tiles whose 32 tokens do not share an adapter (batched decode of many requests
+//    with distinct adapters, or a tile without any adapter): the prefill kernels leave them alone and
+//    a second launch of the decode kernel, in its "mixed tiles only" mode, gives every token of such a
+//    tile its own warps (8 rows of a each, K split as the prefill plan splits it), so the chip stays
+//    busy whatever the batch looks like; its warps of a shared-adapter tile leave at once. float32 a
+//    keeps the FMA kernel (rounding it to 16 bits would add an error plain PyTorch does not make,
+//    docs/design.md, section 'Tolerance rule'). Compiled (no spills on sm_80 / sm_90), not yet run
 //    on a GPU.
 //
 // Split-K partials of shrink go to a workspace [splits, M, R] whose size depends on the shapes and
@@ -31,8 +37,7 @@
 //
 // Remaining (not done here): the decode expand reads b from L1/L2 once per token instead of sharing
 // it between tokens; the prefill expand kernel takes 178 registers (one block of 8 warps per SM),
-// where expand.cu's fits 128; a mixed 32-token warp tile of the tensor-core shrink does its tokens
-// one after another (8 warps shared them in the FMA kernel).
+// where expand.cu's fits 128, and its mixed tiles update their tokens one thread per 8 columns.
 #include "common.cuh"
 
 namespace loracuda {
@@ -48,9 +53,8 @@ constexpr int kTileRows = (kPrefillThreads / 32) * kRowsPerWarp;  // 32 tokens p
 
 // shrink
 constexpr int kRankTile = 16;               // rows of a per prefill block (grid.x)
-// Rows of a per warp work item: the decode path's rank tile (8 rows x 8 values of a in flight per
-// lane fit the registers for float32 a); the prefill fallback, under a 128-register cap, takes 4 at
-// a time for float32 a.
+// Rows of a per warp work item of the decode kernel (8 rows x 8 values of a in flight per lane fit
+// the registers for float32 a).
 constexpr int kWarpRows = 8;
 constexpr int kKChunk = 32 * 8;             // columns of x per step: 32 lanes x 8
 constexpr int kAStride = kRankTile + 4;     // a_s row stride in floats (see shrink.cu: no bank conflicts)
@@ -151,12 +155,23 @@ __device__ __forceinline__ void shrink_row_warp(const MultiShrinkParams& p, int6
   }
 }
 
+// Whether the 32-token tile [m0, min(m0 + 32, M)) (m0 a multiple of 32) shares one adapter: the
+// prefill kernels' test (tile_adapter, and the tensor-core kernel's vote), as a warp vote. Warp-wide.
+__device__ __forceinline__ bool tile_shares_adapter(const int32_t* __restrict__ ids, int64_t m0, int64_t M,
+                                                   int64_t num_adapters, int lane) {
+  const int first = adapter_of(ids, m0, num_adapters);
+  const bool same = m0 + lane >= M || adapter_of(ids, m0 + lane, num_adapters) == first;
+  return __all_sync(0xffffffffu, same) && first >= 0;
+}
+
 // Decode: warp w of block b does work item 4b + w = ((m * rank_tiles) + tile) * splits + split (tiles
 // of kWarpRows rows of a) and writes the slab out + split * M * R (out = h when splits == 1).
+// mixed_only (the prefill path's second launch): only tokens of 32-token tiles that do not share an
+// adapter; the warps of the other tokens leave (the prefill kernel wrote those).
 template <typename TX, typename TA>
 __global__ void __launch_bounds__(kDecodeShrinkThreads)
     multi_shrink_decode_kernel(const MultiShrinkParams p, int64_t chunks_per_split, int64_t splits, bool x_vec,
-                               bool a_vec, float* __restrict__ out) {
+                               bool a_vec, float* __restrict__ out, bool mixed_only) {
   const int lane = threadIdx.x & 31;
   const int64_t item = static_cast<int64_t>(blockIdx.x) * kWarpsPerDecodeBlock + (threadIdx.x >> 5);
   const int64_t rank_tiles = (p.rank + kWarpRows - 1) / kWarpRows;
@@ -164,6 +179,7 @@ __global__ void __launch_bounds__(kDecodeShrinkThreads)
   const int64_t split = item % splits;
   const int64_t rest = item / splits;
   const int64_t m = rest / rank_tiles;
+  if (mixed_only && tile_shares_adapter(p.adapter_ids, m & ~int64_t(31), p.m, p.num_adapters, lane)) return;
   const int64_t j0 = (rest - m * rank_tiles) * kWarpRows;
   const int64_t num_chunks = (p.k + kKChunk - 1) / kKChunk;
   const int64_t c_begin = split * chunks_per_split;
@@ -180,7 +196,7 @@ template <typename TX, typename TA>
 __global__ void __launch_bounds__(kPrefillThreads, sizeof(TX) == 2 ? 2 : 1)
     multi_shrink_prefill_kernel(const MultiShrinkParams p, int64_t chunks_per_split, bool x_vec, bool a_vec,
                                 float* __restrict__ out) {
-  __shared__ __align__(16) float a_s[kKChunk * kAStride];
+  LORACUDA_SHARED(float, a_s, kKChunk * kAStride);
 
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -194,22 +210,16 @@ __global__ void __launch_bounds__(kPrefillThreads, sizeof(TX) == 2 ? 2 : 1)
   const int64_t c_begin = static_cast<int64_t>(blockIdx.z) * chunks_per_split;
   const int64_t c_end = c_begin + chunks_per_split < num_chunks ? c_begin + chunks_per_split : num_chunks;
   const int id = tile_adapter(p.adapter_ids, m_tile0, M, p.num_adapters);
-  const uint32_t used = id >= 0 ? used_rows<kRankTile>(j0, R, p.r_max, clamp_rank(p.ranks[id], p.r_max)) : 0u;
-  if (used == 0u) {
-    // Mixed adapters, none, or no used row in this rank tile: each warp does its tokens one by one,
-    // the tile's 16 rows of a as 2 or 4 warp items (a token or tile without used rows writes zeros).
-    constexpr int kRows = sizeof(TA) == 4 ? 4 : kWarpRows;
-#pragma unroll 1
-    for (int row = 0; row < kRowsPerWarp; ++row) {
-      const int64_t m = m_base + row;
-      if (m >= M) break;
-#pragma unroll 1
-      for (int part = 0; part < kRankTile / kRows; ++part) {
-        shrink_row_warp<TX, TA, kRows>(p, m, j0 + part * kRows, c_begin, c_end, x_vec, a_vec,
-                                out + static_cast<int64_t>(blockIdx.z) * M * R, lane);
-      }
+  // Mixed adapters, or none: the decode kernel's mixed-tiles launch writes these tokens.
+  if (id < 0) return;  // `id` is the same in every thread: no thread is left waiting at a barrier below
+  const uint32_t used = used_rows<kRankTile>(j0, R, p.r_max, clamp_rank(p.ranks[id], p.r_max));
+  if (used == 0u) {  // the rank tile lies past the adapter's rank: h is 0 there, nothing is read
+    float* __restrict__ dst = out + static_cast<int64_t>(blockIdx.z) * M * R;
+    for (int e = threadIdx.x; e < kTileRows * kRankTile; e += kPrefillThreads) {
+      const int64_t m = m_tile0 + e / kRankTile, j = j0 + e % kRankTile;
+      if (m < M && j < R) dst[m * R + j] = 0.0f;
     }
-    return;  // `used` is the same in every thread, so no thread is left waiting at a barrier below
+    return;  // as above, the same in every thread
   }
 
   const TX* __restrict__ x = static_cast<const TX*>(p.x);
@@ -232,7 +242,7 @@ __global__ void __launch_bounds__(kPrefillThreads, sizeof(TX) == 2 ? 2 : 1)
       const int kl = q - jl * kKChunk;
       const int64_t k = k_tile0 + kl;
       const float v = ((used >> jl) & 1u) && k < K ? load_float(a + (j0 + jl) * K + k) : 0.0f;
-      a_s[((kl & 7) * 32 + (kl >> 3)) * kAStride + jl] = v;
+      shared_store(a_s + ((kl & 7) * 32 + (kl >> 3)) * kAStride + jl, v);
     }
     __syncthreads();
 
@@ -281,29 +291,17 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks)
   const int64_t M = p.m, K = p.k, R = p.rank;
   int64_t m0, j0;
   if (!mma_warp_item<kMmaWarpRows, 8 * kNT>(M, R, m0, j0)) return;  // a whole warp leaves; no barrier follows
-  const int64_t num_chunks = (K + kKChunk - 1) / kKChunk;
-  const int64_t c_begin = static_cast<int64_t>(blockIdx.z) * chunks_per_split;
-  const int64_t c_end = c_begin + chunks_per_split < num_chunks ? c_begin + chunks_per_split : num_chunks;
-  float* __restrict__ dst = out + static_cast<int64_t>(blockIdx.z) * M * R;
 
-  // The warp's adapter: lane l votes for token m0 + l (tokens past M agree with anything).
+  // The warp's adapter: lane l votes for token m0 + l (tokens past M agree with anything). Mixed
+  // adapters, or none: the decode kernel's mixed-tiles launch writes these tokens (its test,
+  // tile_shares_adapter, is this one).
   const int first = adapter_of(p.adapter_ids, m0, p.num_adapters);
   const bool same = m0 + lane >= M || adapter_of(p.adapter_ids, m0 + lane, p.num_adapters) == first;
   const int id = __all_sync(0xffffffffu, same) ? first : -1;
-  if (id < 0) {
-    // Mixed adapters, or none: the tokens one by one, 8 rows of a at a time (a token without an
-    // adapter, or rows beyond its rank, give zeros without reading anything).
-#pragma unroll 1
-    for (int row = 0; row < kMmaWarpRows; ++row) {
-      const int64_t m = m0 + row;
-      if (m >= M) break;
-#pragma unroll 1
-      for (int part = 0; part < kNT && j0 + 8 * part < R; ++part) {
-        shrink_row_warp<T, T, kWarpRows>(p, m, j0 + 8 * part, c_begin, c_end, x_vec, a_vec, dst, lane);
-      }
-    }
-    return;
-  }
+  if (id < 0) return;
+  const int64_t num_chunks = (K + kKChunk - 1) / kKChunk;
+  const int64_t c_begin = static_cast<int64_t>(blockIdx.z) * chunks_per_split;
+  const int64_t c_end = c_begin + chunks_per_split < num_chunks ? c_begin + chunks_per_split : num_chunks;
   const uint32_t used = used_rows<8 * kNT>(j0, R, p.r_max, clamp_rank(p.ranks[id], p.r_max));
 
   float acc[kMmaRowTiles][kNT][4];
@@ -325,9 +323,14 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks)
   }
 
   // Token m0 + row, row j0 + col of a; rows beyond the adapter's rank are written as exactly 0.
+  float* __restrict__ dst = out + static_cast<int64_t>(blockIdx.z) * M * R;
+  // Row j of a is used iff j % r_max < the rank: tested again here rather than through `used` kept
+  // across the MMA loop (with it, ptxas spilled 8 bytes in the kNT = 2 variants under the 128-register cap).
+  const int64_t rank_end = clamp_rank(p.ranks[id], p.r_max);
   for_each_c_element(acc, lane, [&](int row, int col, float v) {
     const int64_t m = m0 + row;
-    if (m < M && j0 + col < R) dst[m * R + j0 + col] = (used >> col) & 1u ? v : 0.0f;
+    const int64_t j = j0 + col;
+    if (m < M && j < R) dst[m * R + j] = j % p.r_max < rank_end ? v : 0.0f;
   });
 }
 
@@ -464,8 +467,8 @@ template <typename TY, typename TB>
 // fp16 variants at 128 registers and spilled (about 180-226 are needed; see the file header).
 __global__ void __launch_bounds__(kPrefillThreads, 1)
     multi_expand_prefill_kernel(const MultiExpandParams p, bool y_vec, bool b_vec, bool h_vec) {
-  __shared__ __align__(16) float b_s[kBlockCols * kBStride];
-  __shared__ __align__(16) float h_s[kTileRows * kMaxSlices * kRankChunk];
+  LORACUDA_SHARED(float, b_s, kBlockCols * kBStride);
+  LORACUDA_SHARED(float, h_s, kTileRows * kMaxSlices * kRankChunk);
 
   const int tx = threadIdx.x & 31;
   const int ty = threadIdx.x >> 5;
@@ -517,7 +520,7 @@ __global__ void __launch_bounds__(kPrefillThreads, 1)
       const int64_t n = n_tile0 + nl;
       const int j = j0 + jj;
       const float v = n < N && j < rank ? load_float(b + n * r_max + j) : 0.0f;
-      b_s[((nl & 7) * 32 + (nl >> 3)) * kBStride + jj] = v;
+      shared_store(b_s + ((nl & 7) * 32 + (nl >> 3)) * kBStride + jj, v);
     }
     // h chunk: (row, slice, jj) at (row * S + slice) * 16 + jj; 0 for m >= M or j >= rank.
     const int h_count = kTileRows * S * kRankChunk;
@@ -528,7 +531,7 @@ __global__ void __launch_bounds__(kPrefillThreads, 1)
       const int jj = rem - s * kRankChunk;
       const int64_t m = m_tile0 + row;
       const int j = j0 + jj;
-      h_s[q] = m < M && j < rank ? h[m * h_width + s * r_max + j] : 0.0f;
+      shared_store(h_s + q, m < M && j < rank ? h[m * h_width + s * r_max + j] : 0.0f);
     }
     __syncthreads();
 
@@ -572,45 +575,48 @@ cudaError_t launch_multi_shrink(const MultiShrinkParams& p) {
   const int a_bytes = p.a_dtype == DType::kFloat32 ? 4 : 2;
   const bool x_vec = vector_rows_ok(p.x, p.x_row_stride, p.m, x_bytes);
   const bool a_vec = vector_rows_ok(p.a, p.k, p.num_adapters * p.rank, a_bytes);
-  const int64_t decode_blocks =
-      (p.m * plan.rank_tiles * plan.splits + kWarpsPerDecodeBlock - 1) / kWarpsPerDecodeBlock;
+  // The decode kernel's warps: every (token, 8 rows of a, split); with the prefill path, the same
+  // count for its mixed-tiles launch (all but the tokens of mixed tiles leave at once).
+  const int64_t gather_rank_tiles = (p.rank + kWarpRows - 1) / kWarpRows;
+  const int64_t gather_blocks =
+      (p.m * gather_rank_tiles * plan.splits + kWarpsPerDecodeBlock - 1) / kWarpsPerDecodeBlock;
   const int64_t prefill_items = plan.row_tiles * plan.rank_tiles;  // blocks (FMA) or warps (mma)
   const int64_t prefill_blocks = plan.mma ? (prefill_items + kMmaWarps - 1) / kMmaWarps : prefill_items;
-  if ((plan.decode ? decode_blocks : prefill_blocks) > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  if (gather_blocks > 0x7fffffff || prefill_blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   cudaError_t err = dispatch_value_adapter(p.x_dtype, p.a_dtype, [&](auto tx, auto ta) {
     using TX = typename decltype(tx)::type;
     using TA = typename decltype(ta)::type;
+    const auto gather = [&](bool mixed_only) {
+      return launch_kernel(LORACUDA_KERNEL(multi_shrink_decode_kernel<TX, TA>), static_cast<unsigned>(gather_blocks),
+                           kDecodeShrinkThreads, p.stream, p, plan.chunks_per_split, plan.splits, x_vec, a_vec, out,
+                           mixed_only);
+    };
+    if (plan.decode) return gather(false);
+    const dim3 grid(static_cast<unsigned>(prefill_blocks), 1, static_cast<unsigned>(plan.splits));
+    cudaError_t prefill_err = cudaSuccess;
+    bool launched = false;
     if constexpr (std::is_same<TX, TA>::value && MmaOperand<TX>::kSupported) {
       if (plan.mma) {
-        const dim3 grid(static_cast<unsigned>(prefill_blocks), 1, static_cast<unsigned>(plan.splits));
         const auto launch = [&](auto kernel) {
-          kernel<<<grid, kMmaThreads, 0, p.stream>>>(p, plan.chunks_per_split, x_vec, a_vec, out);
+          return launch_kernel(kernel, grid, kMmaThreads, p.stream, p, plan.chunks_per_split, x_vec, a_vec, out);
         };
-        if (plan.ntiles == 1) {
-          launch(multi_shrink_prefill_mma_kernel<TX, 1>);
-        } else if (plan.ntiles == 2) {
-          launch(multi_shrink_prefill_mma_kernel<TX, 2>);
-        } else {
-          launch(multi_shrink_prefill_mma_kernel<TX, 4>);
-        }
-        return cudaGetLastError();
+        prefill_err = plan.ntiles == 1   ? launch(LORACUDA_KERNEL(multi_shrink_prefill_mma_kernel<TX, 1>))
+                      : plan.ntiles == 2 ? launch(LORACUDA_KERNEL(multi_shrink_prefill_mma_kernel<TX, 2>))
+                                         : launch(LORACUDA_KERNEL(multi_shrink_prefill_mma_kernel<TX, 4>));
+        launched = true;
       }
     }
-    if (plan.decode) {
-      multi_shrink_decode_kernel<TX, TA><<<static_cast<unsigned>(decode_blocks), kDecodeShrinkThreads, 0, p.stream>>>(
-          p, plan.chunks_per_split, plan.splits, x_vec, a_vec, out);
-    } else {
-      const dim3 grid(static_cast<unsigned>(prefill_blocks), 1, static_cast<unsigned>(plan.splits));
-      multi_shrink_prefill_kernel<TX, TA><<<grid, kPrefillThreads, 0, p.stream>>>(p, plan.chunks_per_split, x_vec,
-                                                                                 a_vec, out);
+    if (!launched) {
+      prefill_err = launch_kernel(LORACUDA_KERNEL(multi_shrink_prefill_kernel<TX, TA>), grid, kPrefillThreads,
+                                  p.stream, p, plan.chunks_per_split, x_vec, a_vec, out);
     }
-    return cudaGetLastError();
+    if (prefill_err != cudaSuccess) return prefill_err;
+    return gather(true);  // the tokens of the tiles the prefill kernel left alone
   });
   if (err != cudaSuccess || plan.splits == 1) return err;
   const int64_t count = p.m * p.rank;
-  multi_shrink_reduce_kernel<<<grid_cap((count + 255) / 256, p.num_sms), 256, 0, p.stream>>>(p.workspace, p.h, count,
-                                                                                             plan.splits);
-  return cudaGetLastError();
+  return launch_kernel(LORACUDA_KERNEL(multi_shrink_reduce_kernel), grid_cap((count + 255) / 256, p.num_sms), 256,
+                       p.stream, p.workspace, p.h, count, plan.splits);
 }
 
 cudaError_t launch_multi_expand_add(const MultiExpandParams& p) {
@@ -632,13 +638,11 @@ cudaError_t launch_multi_expand_add(const MultiExpandParams& p) {
     using TY = typename decltype(ty)::type;
     using TB = typename decltype(tb)::type;
     if (decode) {
-      multi_expand_decode_kernel<TY, TB>
-          <<<static_cast<unsigned>(blocks), kDecodeExpandThreads, 0, p.stream>>>(p, y_vec, b_vec, h_vec);
-    } else {
-      multi_expand_prefill_kernel<TY, TB>
-          <<<static_cast<unsigned>(blocks), kPrefillThreads, 0, p.stream>>>(p, y_vec, b_vec, h_vec);
+      return launch_kernel(LORACUDA_KERNEL(multi_expand_decode_kernel<TY, TB>), static_cast<unsigned>(blocks),
+                           kDecodeExpandThreads, p.stream, p, y_vec, b_vec, h_vec);
     }
-    return cudaGetLastError();
+    return launch_kernel(LORACUDA_KERNEL(multi_expand_prefill_kernel<TY, TB>), static_cast<unsigned>(blocks),
+                         kPrefillThreads, p.stream, p, y_vec, b_vec, h_vec);
   });
 }
 

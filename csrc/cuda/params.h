@@ -39,13 +39,6 @@ struct ShrinkParams {
   int64_t workspace_floats = 0;
   int num_sms = 0;
   cudaStream_t stream = nullptr;
-  // h is alpha * the product (1 for shrink; backward uses the kernel for g = scale * grad_y @ b).
-  float alpha = 1.0f;
-  // num_slices > 0: "a" is lora_b [K, slice_rank] of a fused projection read as the block-diagonal
-  // a[i*slice_rank + j, k] = b[k, j] for k in [slice_offsets[i], slice_offsets[i+1]), 0 elsewhere.
-  int num_slices = 0;
-  int64_t slice_rank = 0;
-  int64_t slice_offsets[kMaxSlices + 1] = {0};
 };
 
 // y [M, N] (row stride y_row_stride) += scale * h[:, i*r:(i+1)*r] @ b[off[i]:off[i+1], :]^T.
@@ -62,11 +55,6 @@ struct ExpandParams {
   float scale = 1.0f;
   int num_sms = 0;
   cudaStream_t stream = nullptr;
-  // Element (n, j) of b sits at b[n * b_n_stride + j * b_j_stride]; both 0 means [N, r] contiguous.
-  // (backward reuses the kernel for grad_x += dropped(g @ a) with b = a^T: strides (1, K).)
-  int64_t b_n_stride = 0, b_j_stride = 0;
-  // Applied to the added term, element index m * N + n (backward's grad_x); disabled for expand_add_.
-  DropoutParams dropout;
 };
 
 // weight [N, K] (transposed: [K, N]) contiguous; a [r, K], b [N, r] contiguous, same dtype.

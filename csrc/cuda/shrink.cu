@@ -1,4 +1,4 @@
-// shrink: h [M, R] (float32) = alpha * dropped(x) [M, K] @ a^T, a [R, K].
+// shrink: h [M, R] (float32) = dropped(x) [M, K] @ a^T, a [R, K].
 //
 // Memory-bound on reading x once (about R FLOP per byte of bf16 x). A block owns 32 rows of x and a
 // tile of 16 ranks and streams K in tiles of 256 columns: the block stages a's [16 x 256] tile in
@@ -6,28 +6,23 @@
 // tile (one 16-byte load per row for bf16/fp16), so each a value read from shared memory feeds 4
 // FMAs. Each lane accumulates its columns' products; a warp butterfly sums the 32 lanes at the end.
 //
-// Sliced operand (backward's g = scale * grad_y[:, slice i] @ b[slice i], "a" = lora_b [K, r]): a
-// block's rank tile lies inside one slice i (each slice has ceil(r / 16) tiles) and streams only that
-// slice's columns [off[i], off[i+1]) of x, as the CPU kernel does: values of x outside the slice are
-// never read, so an inf there cannot turn another slice's g into NaN (inf * 0).
-//
 // Small M (decode): the grid of row x rank tiles would leave most of the chip idle, so K is split
 // across blocks (grid.z). Each split writes its partial sums to the workspace and a second kernel
 // adds the splits in ascending order: no float atomics, the result repeats bit for bit.
 //
-// Tensor cores (M >= 16, x bf16 / fp16 and a in x's dtype, not the sliced backward operand): one warp
+// Tensor cores (M >= 16, x bf16 / fp16 and a in x's dtype): one warp
 // owns 32 tokens x 8, 16 or 32 rows of a (R <= 8, <= 16, larger) and streams its K range in steps
 // of 32 columns, loading x and a straight from global memory (16 bytes per lane and row where the
 // rows allow, one element at a time where they do not) into mma.sync m16n8k16 fragments
 // (common.cuh: shrink_warp_mma; mma.cuh: the layouts). The warps share nothing (no shared memory,
 // no barrier); split-K and its ordered reduction are as above. Dropout zeroes the dropped x elements
 // (exact in 16 bits) and multiplies the float32 sums by the keep scale. float32 a with 16-bit x keeps
-// the FMA path: rounding a to 16 bits would add an error plain PyTorch does not make (DESIGN.md §7).
+// the FMA path: rounding a to 16 bits would add an error plain PyTorch does not make (docs/design.md, section
+// 'Tolerance rule').
 // The MMA path is compiled (no spills on sm_80 / sm_90) but has not been run on a GPU yet.
 //
 // Remaining (not done here): x is re-read (from L2) once per rank tile when R > 16 (FMA) or R > 32
-// (MMA); the MMA path does not stage x or a in shared memory (no cp.async pipeline); the sliced
-// backward operand (lora_b [K, r]: consecutive k are r apart, not a 32-bit pair) stays on FMA.
+// (MMA); the MMA path does not stage x or a in shared memory (no cp.async pipeline).
 #include "common.cuh"
 
 namespace loracuda {
@@ -62,9 +57,9 @@ constexpr int64_t kMmaKTile = 128;
 int mma_rank_ntiles(int64_t rank) { return rank <= 8 ? 1 : (rank <= 16 ? 2 : 4); }
 
 // Shapes and dtypes only (no alignment, no device memory), so the workspace size is fixed for a
-// captured graph: 16-bit x with a of the same dtype, not the sliced backward operand, M >= 16.
+// captured graph: 16-bit x with a of the same dtype, M >= 16.
 bool use_mma(const ShrinkParams& p) {
-  return p.num_slices == 0 && p.x_dtype != DType::kFloat32 && p.a_dtype == p.x_dtype && p.m >= kMmaMinRows;
+  return p.x_dtype != DType::kFloat32 && p.a_dtype == p.x_dtype && p.m >= kMmaMinRows;
 }
 
 struct ShrinkPlan {
@@ -84,20 +79,9 @@ ShrinkPlan make_plan(const ShrinkParams& p) {
   const int64_t rank_rows = plan.mma ? 8 * plan.ntiles : kRankTile;
   const int64_t tile_rows = plan.mma ? kMmaWarpRows : kBlockRows;
   plan.row_tiles = (p.m + tile_rows - 1) / tile_rows;
-  if (p.num_slices > 0) {
-    // Rank tiles per slice, K tiles of the widest slice (a block of a narrower one runs out early).
-    plan.rank_tiles = p.num_slices * ((p.slice_rank + kRankTile - 1) / kRankTile);
-    int64_t widest = 0;
-    for (int i = 0; i < p.num_slices && i < kMaxSlices; ++i) {  // launch_shrink rejects more slices
-      const int64_t width = p.slice_offsets[i + 1] - p.slice_offsets[i];
-      if (width > widest) widest = width;
-    }
-    plan.num_tiles = widest > 0 ? (widest + kKTile - 1) / kKTile : 1;
-  } else {
-    plan.rank_tiles = (p.rank + rank_rows - 1) / rank_rows;
-    const int64_t k_tile = plan.mma ? kMmaKTile : kKTile;
-    plan.num_tiles = p.k > 0 ? (p.k + k_tile - 1) / k_tile : 1;
-  }
+  plan.rank_tiles = (p.rank + rank_rows - 1) / rank_rows;
+  const int64_t k_tile = plan.mma ? kMmaKTile : kKTile;
+  plan.num_tiles = p.k > 0 ? (p.k + k_tile - 1) / k_tile : 1;
   // Work that runs side by side without a split, and how much fills the chip: blocks of 8 warps, 2
   // per SM (FMA); independent warps, 16 per SM (mma).
   const int64_t sms = p.num_sms > 0 ? p.num_sms : 132;
@@ -116,34 +100,24 @@ ShrinkPlan make_plan(const ShrinkParams& p) {
 
 // Two resident blocks per SM (a 128-register cap) for bf16/fp16 x, which fits in 128 registers;
 // float32 x (twice the x registers) would spill under that cap and keeps one block per SM.
-// out: p.h, written scaled by alpha, when the grid has one split; else the workspace, of which
-// split blockIdx.z writes the slab out + blockIdx.z * M * R, unscaled.
-template <typename TX, typename TA, bool kSliced>
+// out: p.h when the grid has one split; else the workspace, of which split blockIdx.z writes the
+// slab out + blockIdx.z * M * R.
+template <typename TX, typename TA>
 __global__ void __launch_bounds__(kThreads, sizeof(TX) == 2 ? 2 : 1) shrink_kernel(const ShrinkParams p, int64_t tiles_per_split, bool x_vec,
                                                           float* __restrict__ out, bool final_output) {
-  __shared__ __align__(16) float a_s[kKTile * kAStride];
+  LORACUDA_SHARED(float, a_s, kKTile * kAStride);
 
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int64_t M = p.m, K = p.k, R = p.rank;
   // grid.x enumerates (row tile, rank tile) with the rank tile fastest, so the blocks that read the
   // same 32 rows of x run side by side and all but the first find x in L2.
-  // The block's rows of a are j0 .. min(j0 + 16, j_end) - 1 and its columns of x k_lo .. k_hi - 1:
-  // all of them, or (sliced) slice i's rows and columns.
-  const int64_t tiles_per_slice = kSliced ? (p.slice_rank + kRankTile - 1) / kRankTile : 0;
-  const int64_t rank_tiles = kSliced ? p.num_slices * tiles_per_slice : (R + kRankTile - 1) / kRankTile;
+  // The block's rows of a are j0 .. min(j0 + 16, R) - 1.
+  const int64_t rank_tiles = (R + kRankTile - 1) / kRankTile;
   const int64_t row_tile = static_cast<int64_t>(blockIdx.x) / rank_tiles;
   const int64_t m_base = row_tile * kBlockRows + warp * kRowsPerWarp;
-  const int64_t rank_tile = static_cast<int64_t>(blockIdx.x) - row_tile * rank_tiles;
-  const int64_t slice = kSliced ? rank_tile / tiles_per_slice : 0;
-  const int64_t j0 = kSliced ? slice * p.slice_rank + (rank_tile - slice * tiles_per_slice) * kRankTile
-                             : rank_tile * kRankTile;
-  const int64_t j_end = kSliced ? (slice + 1) * p.slice_rank : R;
-  const int64_t k_lo = kSliced ? p.slice_offsets[slice] : 0;
-  const int64_t k_hi = kSliced ? p.slice_offsets[slice + 1] : K;
-  // 16-byte loads of x at k_lo + multiples of 8 need k_lo's byte offset to be a multiple of 16 too.
-  const bool x_vec_here = x_vec && (k_lo * static_cast<int64_t>(sizeof(TX))) % 16 == 0;
-  const int64_t num_tiles = (k_hi - k_lo + kKTile - 1) / kKTile;
+  const int64_t j0 = (static_cast<int64_t>(blockIdx.x) - row_tile * rank_tiles) * kRankTile;
+  const int64_t num_tiles = (K + kKTile - 1) / kKTile;
   const int64_t t_begin = static_cast<int64_t>(blockIdx.z) * tiles_per_split;
   const int64_t t_end = t_begin + tiles_per_split < num_tiles ? t_begin + tiles_per_split : num_tiles;
   const TX* __restrict__ x = static_cast<const TX*>(p.x);
@@ -158,37 +132,29 @@ __global__ void __launch_bounds__(kThreads, sizeof(TX) == 2 ? 2 : 1) shrink_kern
   }
 
   for (int64_t t = t_begin; t < t_end; ++t) {
-    const int64_t k_tile0 = k_lo + t * kKTile;
+    const int64_t k_tile0 = t * kKTile;
     __syncthreads();  // every warp is done reading the previous tile of a_s
     // Stage a[j0 .. j0+15, k_tile0 .. k_tile0+255] as float32; zeros outside a. Column kl of the
     // tile is read by lane kl / 8 as its element kl % 8, so it is stored at slot (kl % 8) * 32 + kl / 8:
     // lanes then read consecutive slots.
     for (int q = threadIdx.x; q < kKTile * kRankTile; q += kThreads) {
-      // Consecutive threads read consecutive addresses of the operand: along k for a [R, K], along
-      // j for the sliced lora_b [K, r].
-      const int jl = kSliced ? q % kRankTile : q / kKTile;
-      const int kl = kSliced ? q / kRankTile : q % kKTile;
+      // Consecutive threads read consecutive addresses of a [R, K] (along k).
+      const int jl = q / kKTile;
+      const int kl = q % kKTile;
       const int64_t j = j0 + jl, k = k_tile0 + kl;
-      float v = 0.0f;
-      if (j < j_end && k < k_hi) {
-        if constexpr (kSliced) {
-          v = load_float(a + k * p.slice_rank + (j - slice * p.slice_rank));
-        } else {
-          v = load_float(a + j * K + k);
-        }
-      }
-      a_s[((kl & 7) * 32 + (kl >> 3)) * kAStride + jl] = v;
+      const float v = j < R && k < K ? load_float(a + j * K + k) : 0.0f;
+      shared_store(a_s + ((kl & 7) * 32 + (kl >> 3)) * kAStride + jl, v);
     }
     __syncthreads();
 
     const int64_t k0 = k_tile0 + lane * 8;
-    const int count = k_hi - k0 >= 8 ? 8 : (k_hi - k0 > 0 ? static_cast<int>(k_hi - k0) : 0);
+    const int count = K - k0 >= 8 ? 8 : (K - k0 > 0 ? static_cast<int>(K - k0) : 0);
     float xv[kRowsPerWarp][8];
 #pragma unroll
     for (int row = 0; row < kRowsPerWarp; ++row) {
       const int64_t m = m_base + row;
       if (m < M && count > 0) {
-        load8(x + m * p.x_row_stride + k0, x_vec_here && count == 8, count, xv[row]);
+        load8(x + m * p.x_row_stride + k0, x_vec && count == 8, count, xv[row]);
         if (drop.enabled) {
 #pragma unroll
           for (int c = 0; c < 8; ++c) {
@@ -206,7 +172,6 @@ __global__ void __launch_bounds__(kThreads, sizeof(TX) == 2 ? 2 : 1) shrink_kern
 
   // Sum the 32 lanes (xor butterfly: every lane ends with the same total), then lane (idx % 32)
   // writes value idx = row * 16 + j.
-  const float alpha = final_output ? p.alpha : 1.0f;
   float* __restrict__ dst = final_output ? out : out + static_cast<int64_t>(blockIdx.z) * M * R;
 #pragma unroll
   for (int row = 0; row < kRowsPerWarp; ++row) {
@@ -217,7 +182,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(TX) == 2 ? 2 : 1) shrink_kern
       for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
       const int idx = row * kRankTile + j;
       const int64_t m = m_base + row, jj = j0 + j;
-      if ((idx & 31) == lane && m < M && jj < j_end) dst[m * R + jj] = final_output ? alpha * v : v;
+      if ((idx & 31) == lane && m < M && jj < R) dst[m * R + jj] = v;
     }
   }
 }
@@ -265,19 +230,18 @@ __global__ void __launch_bounds__(kMmaThreads, kMmaMinBlocks) shrink_mma_kernel(
   float* __restrict__ dst = final_output ? out : out + static_cast<int64_t>(blockIdx.z) * M * R;
   for_each_c_element(acc, lane, [&](int row, int col, float sum) {
     const int64_t m = m0 + row, jj = j0 + col;
-    const float v = keep * sum;
-    if (m < M && jj < R) dst[m * R + jj] = final_output ? p.alpha * v : v;
+    if (m < M && jj < R) dst[m * R + jj] = keep * sum;
   });
 }
 
-// h[i] = alpha * sum over splits s = 0, 1, ... of partial[s][i], in that order.
+// h[i] = the sum over splits s = 0, 1, ... of partial[s][i], in that order.
 __global__ void __launch_bounds__(256) shrink_reduce_kernel(const float* __restrict__ partial, float* __restrict__ h,
-                                                            int64_t count, int64_t splits, float alpha) {
+                                                            int64_t count, int64_t splits) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += stride) {
     float s = 0.0f;
     for (int64_t sp = 0; sp < splits; ++sp) s += partial[sp * count + i];
-    h[i] = alpha * s;
+    h[i] = s;
   }
 }
 
@@ -291,10 +255,7 @@ int64_t shrink_workspace_floats(const ShrinkParams& p) {
 
 cudaError_t launch_shrink(const ShrinkParams& p) {
   if (p.m <= 0 || p.rank <= 0) return cudaSuccess;  // nothing to write
-  if (p.k < 0 || (p.num_slices > 0 && (p.slice_rank <= 0 || p.num_slices > kMaxSlices ||
-                                       p.rank != p.num_slices * p.slice_rank))) {
-    return cudaErrorInvalidValue;
-  }
+  if (p.k < 0) return cudaErrorInvalidValue;
   const ShrinkPlan plan = make_plan(p);
   const int64_t items = plan.row_tiles * plan.rank_tiles;  // blocks (FMA) or warps (mma)
   const int64_t blocks = plan.mma ? (items + kMmaWarps - 1) / kMmaWarps : items;
@@ -316,33 +277,30 @@ cudaError_t launch_shrink(const ShrinkParams& p) {
         // a [R, K] contiguous: 16-byte row starts iff a is 16-byte aligned and K * 2 bytes is a multiple of 16.
         const bool a_vec = vector_rows_ok(p.a, p.k, p.rank, 2);
         const auto launch = [&](auto kernel) {
-          kernel<<<grid, kMmaThreads, 0, p.stream>>>(p, plan.tiles_per_split, x_vec, a_vec, out, final_output);
+          return launch_kernel(kernel, grid, kMmaThreads, p.stream, p, plan.tiles_per_split, x_vec, a_vec, out,
+                               final_output);
         };
         // The dropout variant is its own kernel: its hashing would otherwise raise the register count
         // (and lower the occupancy) of the plain one.
         const bool drop = p.dropout.enabled;
         if (plan.ntiles == 1) {
-          drop ? launch(shrink_mma_kernel<TX, 1, true>) : launch(shrink_mma_kernel<TX, 1, false>);
+          return drop ? launch(LORACUDA_KERNEL(shrink_mma_kernel<TX, 1, true>))
+                      : launch(LORACUDA_KERNEL(shrink_mma_kernel<TX, 1, false>));
         } else if (plan.ntiles == 2) {
-          drop ? launch(shrink_mma_kernel<TX, 2, true>) : launch(shrink_mma_kernel<TX, 2, false>);
-        } else {
-          drop ? launch(shrink_mma_kernel<TX, 4, true>) : launch(shrink_mma_kernel<TX, 4, false>);
+          return drop ? launch(LORACUDA_KERNEL(shrink_mma_kernel<TX, 2, true>))
+                      : launch(LORACUDA_KERNEL(shrink_mma_kernel<TX, 2, false>));
         }
-        return cudaGetLastError();
+        return drop ? launch(LORACUDA_KERNEL(shrink_mma_kernel<TX, 4, true>))
+                    : launch(LORACUDA_KERNEL(shrink_mma_kernel<TX, 4, false>));
       }
     }
-    if (p.num_slices > 0) {
-      shrink_kernel<TX, TA, true><<<grid, kThreads, 0, p.stream>>>(p, plan.tiles_per_split, x_vec, out, final_output);
-    } else {
-      shrink_kernel<TX, TA, false><<<grid, kThreads, 0, p.stream>>>(p, plan.tiles_per_split, x_vec, out, final_output);
-    }
-    return cudaGetLastError();
+    return launch_kernel(LORACUDA_KERNEL(shrink_kernel<TX, TA>), grid, kThreads, p.stream, p,
+                         plan.tiles_per_split, x_vec, out, final_output);
   });
   if (err != cudaSuccess || plan.splits == 1) return err;
   const int64_t count = p.m * p.rank;
-  shrink_reduce_kernel<<<grid_cap((count + 255) / 256, p.num_sms), 256, 0, p.stream>>>(p.workspace, p.h, count,
-                                                                                       plan.splits, p.alpha);
-  return cudaGetLastError();
+  return launch_kernel(LORACUDA_KERNEL(shrink_reduce_kernel), grid_cap((count + 255) / 256, p.num_sms), 256, p.stream,
+                       p.workspace, p.h, count, plan.splits);
 }
 
 }  // namespace cuda

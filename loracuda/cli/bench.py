@@ -1,9 +1,14 @@
 """`loracuda bench`: run benchmark suites, print the table, write JSON, compare against a baseline.
 
+The harness and its suites are the `bench` package of the source repository (bench/harness,
+bench/suites), not part of the installed library: this command finds it beside the package in a
+source checkout (an editable install) or on sys.path, and otherwise says where to get it.
+
 Exit codes: 0 done (and no regression), 1 a regression against --compare, 2 bad input.
 """
 
 import argparse
+import importlib
 import math
 import os
 import sys
@@ -34,6 +39,29 @@ exit status: 0 done, 1 a case regressed against --compare, 2 bad input.
 """
 
 
+def _repository_root() -> str:
+    """The folder above the loracuda package: the repository root in a source checkout."""
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def harness(module: str):
+    """Imports ``bench.<module>`` (e.g. "harness.runner") from the source repository's bench/ package;
+    UsageError with what to do when this installation does not include it (a wheel)."""
+    root = _repository_root()
+    if os.path.isfile(os.path.join(root, "bench", "harness", "__init__.py")) and root not in sys.path:
+        sys.path.insert(0, root)
+    try:
+        return importlib.import_module(f"bench.{module}")
+    except ModuleNotFoundError as error:
+        if error.name not in ("bench", "bench.harness", f"bench.{module}"):
+            raise
+        raise UsageError(
+            "the benchmark harness is not installed: it lives in the bench/ folder of loracuda's source "
+            "repository, which a wheel does not include; clone the repository, build it in place "
+            "(make build) and run `loracuda bench` (or `python -m bench`) there"
+        ) from None
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "bench",
@@ -48,8 +76,8 @@ def add_parser(subparsers) -> None:
         metavar="NAME",
         help="which suite to run: ops (shrink, expand_add_, merge_, backward one by one), layer "
         "(lora_linear forward, backward, forward+backward), train (a LoRA training step of a Llama-style "
-        "model), serving (a forward of a batch mixing adapters: AdapterPool, PEFT, base model) or all "
-        "(default: all)",
+        "model), serving (a forward of a batch mixing adapters: AdapterPool, PEFT, base model), multi_lora "
+        "(multi_shrink + multi_expand_add_ over a mixed batch) or all (default: all)",
     )
     p.add_argument(
         "--device",
@@ -68,13 +96,19 @@ def add_parser(subparsers) -> None:
         "--quick", action="store_true", help="fewer shapes and repeats (a smoke run of about 2 minutes on a small CPU)"
     )
     p.add_argument(
+        "--rounds", type=int, metavar="N",
+        help="timing rounds per case (each provider called once per round); default: as many as a time budget "
+        "allows, between 7 and 15 with --quick, 7 and 50 otherwise",
+    )
+    p.add_argument(
         "--json", metavar="OUT.json", help="write every figure, with device, commit and versions, to this file"
     )
     p.add_argument(
         "--compare",
         metavar="BASE.json",
-        help="compare loracuda's times with a saved run; exit 1 naming each case whose median is slower by more "
-        "than --threshold and above the baseline's 80th percentile (clear of its noise)",
+        help="compare loracuda's times with a saved run; exit 1 naming each case whose median (loracuda's time over "
+        "an anchor provider's in the same rounds, where both runs have one) rose by more than --threshold and by "
+        "more than both runs' combined p20-p80 spread",
     )
     p.add_argument(
         "--threshold",
@@ -100,20 +134,24 @@ def add_parser(subparsers) -> None:
 
 def _check_args(args) -> None:
     """Everything that can be wrong with the request, checked before anything is measured."""
-    from loracuda.benchmarking.report import plot_available
-    from loracuda.benchmarking.suites import suites
-
-    names = list(suites())
+    plot_available = harness("harness.report").plot_available
+    names = list(harness("harness.cases").suites())
     if args.suite != "all" and args.suite not in names:
         raise UsageError(f"unknown suite {args.suite!r}; choose one of: {', '.join(names + ['all'])}")
     if args.device not in DEVICES:
         raise UsageError(f"unknown device {args.device!r}; choose one of: {', '.join(DEVICES)}")
     if args.dtype is not None and args.dtype not in DTYPES:
         raise UsageError(f"unknown dtype {args.dtype!r}; choose one of: {', '.join(DTYPES)}")
+    if args.rounds is not None and args.rounds < 1:
+        raise UsageError(f"--rounds must be >= 1, got {args.rounds}")
     if not (math.isfinite(args.threshold) and args.threshold >= 0):
         raise UsageError(f"--threshold must be a fraction >= 0, got {args.threshold}")
     if args.plot and not plot_available():
         raise UsageError("--plot needs matplotlib, which is not installed")
+    try:
+        harness("harness.runner").injected_slowdown()
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     if args.load is None and args.device == "cuda":
         import torch
 
@@ -124,13 +162,14 @@ def _check_args(args) -> None:
 def run(args) -> int:
     import torch
 
-    from loracuda.benchmarking import results as R
-    from loracuda.benchmarking import runner
-    from loracuda.benchmarking.providers import peft_available
-    from loracuda.benchmarking.report import format_table, progress_factory, write_plot
-    from loracuda.benchmarking.suites import suites
-
     _check_args(args)
+    R = harness("harness.results")
+    runner = harness("harness.runner")
+    peft_available = harness("harness.providers").peft_available
+    report = harness("harness.report")
+    format_table, progress_factory, write_plot = report.format_table, report.progress_factory, report.write_plot
+    suites = harness("harness.cases").suites
+
     try:
         base = R.load_record(args.compare) if args.compare else None
         loaded = R.load_record(args.load) if args.load else None
@@ -148,6 +187,7 @@ def run(args) -> int:
             quick=args.quick,
             tiny=os.environ.get(TINY_ENV, "") not in ("", "0"),
             case_filter=args.case,
+            rounds=args.rounds,
         )
         if options.tiny:
             # Tiny shapes gain nothing from threads, and on a busy machine each parallel region
@@ -181,16 +221,17 @@ def run(args) -> int:
     out = sys.stdout
     out.write(f"\ncompare with {args.compare} (threshold {100 * args.threshold:.1f}%): ")
     out.write(f"{comparison.compared} case(s) compared, {len(comparison.regressions)} slower\n")
+    out.write(f"  rule: {R.RULE}\n")
     for warning in comparison.warnings:
         out.write(f"  note: {warning}\n")
     if comparison.only_in_base:
         out.write(f"  note: {len(comparison.only_in_base)} baseline case(s) not in this run\n")
-    for regression in comparison.regressions:
-        out.write(f"  SLOWER {regression.describe()}\n")
+    for verdict in comparison.verdicts:
+        out.write(f"  {'SLOWER' if verdict.regressed else 'same  '} {verdict.describe()}\n")
     if comparison.regressions:
         sys.stderr.write(
             f"loracuda bench: {len(comparison.regressions)} case(s) slower than {args.compare} by more than "
-            f"{100 * args.threshold:.1f}%: " + "; ".join(r.case_id for r in comparison.regressions) + "\n"
+            f"{100 * args.threshold:.1f}% and their noise: " + "; ".join(r.case_id for r in comparison.regressions) + "\n"
         )
         return 1
     return 0

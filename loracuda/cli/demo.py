@@ -111,7 +111,7 @@ def run(args) -> int:
 
     import loracuda
     from loracuda import tiny_llama
-    from loracuda.benchmarking.providers import lora_layers_calling, reference_layer_call
+    from loracuda.layers import use_impl
 
     torch.manual_seed(args.seed)
     out = args.out or tempfile.mkdtemp(prefix="loracuda-demo-")
@@ -180,7 +180,7 @@ def run(args) -> int:
     ids, targets = (t.to(device) for t in next(batches))
     model.train()
     loracuda_step = _step_time(model, ids, targets, device)
-    with lora_layers_calling(reference_layer_call):
+    with use_impl(model, "reference"):
         reference_step = _step_time(model, ids, targets, device)
 
     checks = {

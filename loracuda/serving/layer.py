@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..config import linear_layout
+from ..linear_kinds import linear_layout
 from ..layers import BaseLayerView
 
 

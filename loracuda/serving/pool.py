@@ -50,7 +50,7 @@ _MAX_IDS = 2**31 - 1
 
 def _buffer_bytes(model: nn.Module, paths: list[str], max_adapters: int, max_rank: int) -> int:
     """Bytes of the PooledLinear buffers of ``paths`` (see serving/layer.py)."""
-    from ..config import linear_layout
+    from ..linear_kinds import linear_layout
 
     total = 0
     for path in paths:
@@ -85,12 +85,6 @@ def _check_buffer_bytes(model: nn.Module, paths: list[str], max_adapters: int, m
             f"({need / 2**30:.1f} GiB) of buffers for {len(paths)} layers, more than the {have} bytes of {device}; "
             "lower max_adapters or max_rank. The model is unchanged."
         )
-
-
-def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, child, new)
 
 
 def _is_peft_module(module: nn.Module) -> bool:
@@ -185,7 +179,7 @@ class AdapterPool:
                 f"{need} bytes ({need / 2**30:.2f} GiB), which could not be allocated ({error}); the model is unchanged"
             ) from None
         for path, layer in layers.items():
-            _set_module(model, path, layer)
+            model.set_submodule(path, layer)
         self._layers: dict[str, PooledLinear] = layers
         model.requires_grad_(False)
 
