@@ -14,6 +14,7 @@ from typing import Iterable, Iterator, Union
 import torch
 from torch import nn
 
+from . import experts
 from .config import LoraConfig, is_conv1d
 from .layers import LoRALinear
 
@@ -83,7 +84,8 @@ def inject(model: nn.Module, config: LoraConfig = None, adapter: str = "default"
     if not isinstance(adapter, str) or not adapter or "." in adapter:
         raise ValueError(f"loracuda.inject: argument 'adapter' must be a non-empty string without '.', got {adapter!r}")
     paths = config.target_paths(model)
-    if not paths:
+    expert_targets = experts.check_injectable(model, config, adapter)  # target_parameters (loracuda.experts)
+    if not paths and not expert_targets:
         raise ValueError(f"loracuda.inject: no module of the model matched {config.describe_targets()}")
     # Each layer's own layout decides (Conv1D stores [K, N]); the config records whether any is Conv1D,
     # which is what PEFT's fan_in_fan_out means for such a model.
@@ -104,6 +106,7 @@ def inject(model: nn.Module, config: LoraConfig = None, adapter: str = "default"
             adapter, config.rank_for(path), config.alpha_for(path), config.dropout, config.use_rslora, config.init
         )
         module.train(was_training)
+    experts.inject_experts(model, config, adapter, expert_targets, was_training)
     _freeze(model, config, paths)
     table = dict(configs(model))
     table[adapter] = config
@@ -126,6 +129,7 @@ def _freeze(model: nn.Module, config: LoraConfig, paths: list[str]) -> None:
         trainable |= {id(p) for p in modules_to_save_params(model, other).values()}
     for _, layer in lora_layers(model):
         trainable |= {id(p) for p in layer.lora_A.values()} | {id(p) for p in layer.lora_B.values()}
+    trainable |= {id(p) for p in experts.factor_params(model)}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
 
@@ -134,12 +138,13 @@ def set_adapter(model: nn.Module, names: Union[str, list[str]]) -> None:
     """Makes ``names`` (one or several, summed) the active adapters of every layer that holds them; layers
     holding none of them run their base layer only. Raises for an unknown name, changing nothing."""
     names = [names] if isinstance(names, str) else list(names)
-    known = {n for _, layer in lora_layers(model) for n in layer.lora_A}
+    known = {n for _, layer in lora_layers(model) for n in layer.lora_A} | experts.adapter_names(model)
     missing = [n for n in names if n not in known]
     if missing:
         raise ValueError(f"loracuda.set_adapter: no adapter named {missing} in the model (adapters: {sorted(known)})")
     for _, layer in lora_layers(model):
         layer.active_adapters = [n for n in names if n in layer.lora_A]
+    experts.set_active(model, names)
 
 
 def active_adapters(model: nn.Module) -> list[str]:
@@ -155,11 +160,12 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     """Removes adapter ``name`` from every layer (a layer left without adapters goes back to its plain
     base layer). Raises, changing nothing, for an unknown or merged adapter."""
     layers = [(p, layer) for p, layer in lora_layers(model) if name in layer.lora_A]
-    if not layers:
+    if not layers and name not in experts.adapter_names(model):
         raise ValueError(f"loracuda.delete_adapter: no adapter named {name!r} in the model")
     for p, layer in layers:
         if name in layer.merged:
             raise RuntimeError(f"loracuda.delete_adapter: adapter {name!r} is merged into layer {p!r}; unmerge it first")
+    experts.delete(model, name)  # checks its own merged state before changing anything
     for p, layer in layers:
         layer.delete_adapter(name)
         if not layer.adapters:
@@ -172,8 +178,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
     """Within the block every LoRALinear runs its base layer only (merged adapters must be unmerged first)."""
-    layers = [layer for _, layer in lora_layers(model)]
-    merged = [p for p, layer in lora_layers(model) if layer.merged]
+    layers = [layer for _, layer in lora_layers(model)] + [m for _, m in experts.expert_layers(model)]
+    merged = [p for p, layer in [*lora_layers(model), *experts.expert_layers(model)] if layer.merged]
     if merged:
         raise RuntimeError(f"loracuda.disable_adapters: layers {merged[:3]} have merged adapters; unmerge them first")
     previous = [layer.disabled for layer in layers]
@@ -258,6 +264,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for path, layer in list(lora_layers(model)):
         layer.merged.clear()
         _set_module(model, path, layer.base_layer)
+    experts.unload(model)
     if hasattr(model, CONFIGS_ATTR):
         delattr(model, CONFIGS_ATTR)
     return model
@@ -285,6 +292,12 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     for n, cfg in peft_configs.items():
         data = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
         table[n] = LoraConfig.from_peft(data)  # refuses non-LoRA types and DoRA
+        if table[n].target_parameters:
+            raise ValueError(
+                f"loracuda.from_peft: PEFT adapter {n!r} uses target_parameters={table[n].target_parameters!r} "
+                "(LoRA on experts), which from_peft does not convert; save it with save_pretrained and "
+                "loracuda.load_adapter the folder instead. The model is unchanged"
+            )
     plan = []
     for path, module in base.named_modules():
         if isinstance(module, LoraLayer):

@@ -20,6 +20,7 @@ import tempfile
 import torch
 from torch import Tensor, nn
 
+from . import experts
 from .config import CONFIG_NAME, LoraConfig, is_conv1d
 from .inject import CONFIGS_ATTR, adapter_paths, configs, inject, lora_layers, modules_to_save_params
 
@@ -68,6 +69,8 @@ def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, 
             out[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B[adapter]
     for key, p in _extra_params(model, config, paths).items():
         out[PREFIX + key] = p
+    for key, t in experts.adapter_tensors(model, adapter).items():  # target_parameters, PEFT's layout
+        out[PREFIX + key] = t
     # Own contiguous copies: safetensors refuses shared storage (e.g. tied embeddings in modules_to_save).
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
@@ -192,9 +195,9 @@ def _expected(model: nn.Module, config: LoraConfig, adapter: str):
     loading ``adapter``: the layers already holding it, else those ``config`` targets."""
     existing = adapter_paths(model, adapter)
     paths = existing if existing else config.target_paths(model)
-    if not paths:
+    expected = experts.expected_tensors(model, config, adapter)  # target_parameters (loracuda.experts)
+    if not paths and not expected:
         raise ValueError(f"loracuda.load_adapter: no module of the model matched {config.describe_targets()}")
-    expected = {}
     for path in paths:
         module = model.get_submodule(path)
         base = getattr(module, "base_layer", module)
@@ -292,6 +295,8 @@ def load_adapter(model: nn.Module, path: str, adapter: str = "default") -> nn.Mo
         t = tensors[key]
         if kind == "param":
             target.copy_(t)
+        elif kind in ("expert_A", "expert_B"):
+            experts.copy_factor(model, kind, target, t, adapter)
         else:
             layer = layers[target]
             (layer.lora_A if kind == "A" else layer.lora_B)[adapter].copy_(t)
@@ -299,6 +304,7 @@ def load_adapter(model: nn.Module, path: str, adapter: str = "default") -> nn.Mo
         for p in paths:
             layers[p].set_scale(adapter, config.rank_for(p), config.alpha_for(p), config.use_rslora)
             layers[p].dropout_p[adapter] = float(config.dropout)
+        experts.set_scales(model, config, adapter)
     stored = dict(configs(model))
     config.fan_in_fan_out = stored[adapter].fan_in_fan_out if adapter in stored else config.fan_in_fan_out
     stored[adapter] = config
@@ -314,9 +320,15 @@ def hot_swap(model: nn.Module, path: str, adapter: str = "default") -> None:
     merged again. Everything is checked before anything changes."""
     from .merge import merge, unmerge
 
+    if adapter in experts.adapter_names(model):
+        raise ValueError(
+            f"loracuda.hot_swap: adapter {adapter!r} adapts experts (target_parameters), which hot_swap does not "
+            "support; load_adapter the new file under another name and set_adapter it. The model is unchanged"
+        )
     if not adapter_paths(model, adapter):
         raise ValueError(f"loracuda.hot_swap: the model has no adapter named {adapter!r}; load_adapter it first")
     file, config, tensors = read_adapter(path)
+    experts.refuse_in("hot_swap", config)
     paths, expected = _expected(model, config, adapter)
     check_tensors(file, tensors, expected, pad_rank=True)
     layers = dict(lora_layers(model))
