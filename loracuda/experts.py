@@ -131,11 +131,22 @@ def from_peft_factors(a_flat: Tensor, b_flat: Tensor, num_experts: int) -> tuple
 
 
 def _grouped_base(x: Tensor, weight: Tensor, counts: Tensor) -> Tensor:
-    """y [S, N] = x[s] W_g(s)ᵀ for rows sorted by group, counts [G] rows per group (int64)."""
-    from transformers.integrations.moe import _grouped_linear
-
-    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-    return _grouped_linear(x, weight, offsets)
+    """y [S, N] = x[s] W_g(s)ᵀ for rows sorted by group, counts [G] rows per group (int64): torch's
+    grouped_mm where it applies (float32 / bfloat16 / float16, rows of 16-byte multiples), else one
+    matmul per non-empty group."""
+    grouped_mm = getattr(torch.nn.functional, "grouped_mm", None)
+    n, k = weight.shape[1], weight.shape[2]
+    if (grouped_mm is not None and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and (k * x.element_size()) % 16 == 0 and (n * x.element_size()) % 16 == 0 and x.is_contiguous()
+            and weight.is_contiguous()):
+        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+        return grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+    parts, start = [], 0
+    for g, c in enumerate(counts.tolist()):
+        if c:
+            parts.append(x[start : start + c] @ weight[g].t())
+            start += c
+    return torch.cat(parts, 0) if parts else x.new_zeros(0, n)
 
 
 def _grouped_lora_fallback(x, weight, lora_a, lora_b, group_ids, scale, dropout_p, training):
@@ -527,3 +538,195 @@ def set_scales(model: nn.Module, config, adapter: str) -> None:
             key = f"{path}.{p}"
             m.set_scale(adapter, p, config.rank_for(key), config.alpha_for(key), config.use_rslora)
             m.dropout_p[(p, adapter)] = float(config.dropout)
+
+
+# ---- merge / unmerge ----------------------------------------------------------------------------
+
+
+class ExpertsMergeRecord:
+    """How to undo one merge of ``adapters`` (merged together) into one 3-D parameter: per expert the
+    restore codes and escape values of ops.merge_exact_ (exact) or nothing (inexact), the scale, and the
+    version counters of the weight and of the factors right after the merge."""
+
+    def __init__(self, adapters, scale, exact, codes, values):
+        self.adapters = tuple(adapters)
+        self.scale = scale
+        self.exact = exact
+        self.codes = codes
+        self.values = values
+        self.weight_version = 0
+        self.factor_versions = ()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [*self.codes, *self.values] if t is not None)
+
+
+def _merge_factors(m: LoRAExperts, param: str, names: Sequence[str]):
+    """(lora_a [E, r, K], lora_b [E, N, r], scale) of ``names`` together, detached, in a dtype merge_
+    accepts; built the same way on every call, so merge and unmerge see the same delta bit for bit."""
+    ok = (getattr(m.base_layer, param).dtype, torch.float32)
+    if len(names) == 1:
+        a, b = m.lora_A[param][names[0]].detach(), m.lora_B[param][names[0]].detach()
+        a = a if a.dtype in ok else a.to(torch.float32)
+        b = b if b.dtype in ok else b.to(torch.float32)
+        return a.contiguous(), b.contiguous(), m.scaling[(param, names[0])]
+    a = torch.cat([m.lora_A[param][n].detach().to(torch.float32) for n in names], 1)
+    b = torch.cat([m.lora_B[param][n].detach().to(torch.float32) * m.scaling[(param, n)] for n in names], 2)
+    return a, b, 1.0
+
+
+def _factor_versions(m: LoRAExperts, param: str, names) -> tuple:
+    return tuple((m.lora_A[param][n]._version, m.lora_B[param][n]._version) for n in names)
+
+
+def _merge_plan(model: nn.Module, adapter) -> list:
+    wanted = None if adapter is None else ([adapter] if isinstance(adapter, str) else list(adapter))
+    plan = []
+    for path, m in expert_layers(model):
+        for p in EXPERT_PARAMS:
+            names = m.active_adapters if wanted is None else wanted
+            names = [n for n in names if n in m.lora_A[p] and (p, n) not in m.merged]
+            if names:
+                plan.append((path, m, p, names))
+    return plan
+
+
+def _undo(m: LoRAExperts, param: str, rec: ExpertsMergeRecord) -> None:
+    from . import ops
+
+    w = getattr(m.base_layer, param)
+    a, b, scale = _merge_factors(m, param, rec.adapters)
+    for e in range(w.shape[0]):
+        if rec.exact:
+            if rec.codes[e] is not None:
+                ops.unmerge_exact_(w[e], a[e], b[e], scale, rec.codes[e], False, escape_values=rec.values[e])
+        else:
+            ops.merge_(w[e], a[e], b[e], -scale, False)
+
+
+@torch.no_grad()
+def merge_experts(model: nn.Module, adapter=None, safe: bool = False, exact: bool = True) -> list:
+    """Merges ``adapter`` (None: the active adapters) into every adapted experts parameter in place, one
+    merge_ / merge_exact_ call per expert slice ``W[e] [N, K] += s · B_e A_e``. All or nothing: a failure
+    (a restore record over a quarter of a slice's bytes, inf/NaN with ``safe``) unmerges what this call
+    merged, bit for bit, before raising. Returns [(path, wrapper, parameter, record)]."""
+    from . import ops
+
+    plan = _merge_plan(model, adapter)
+    for path, m, p, names in plan:
+        w = getattr(m.base_layer, p)
+        if not w.is_contiguous():
+            raise ValueError(f"loracuda.merge: experts parameter '{path}.{p}' is not contiguous; it cannot be merged in place")
+        if safe:
+            a, b, scale = _merge_factors(m, p, names)
+            for e in range(w.shape[0]):
+                merged = (w[e].to(torch.float32) + scale * (b[e].to(torch.float32) @ a[e].to(torch.float32))).to(w.dtype)
+                if not torch.isfinite(merged).all():
+                    raise ValueError(
+                        f"loracuda.merge: merging {names} into experts parameter '{path}.{p}' would give inf/NaN "
+                        f"weights in expert {e}; nothing was merged"
+                    )
+    done = []
+    try:
+        for path, m, p, names in plan:
+            w = getattr(m.base_layer, p)
+            a, b, scale = _merge_factors(m, p, names)
+            rec = ExpertsMergeRecord(names, scale, exact, [None] * w.shape[0], [None] * w.shape[0])
+            try:
+                for e in range(w.shape[0]):
+                    if not exact:
+                        ops.merge_(w[e], a[e], b[e], scale, False)
+                        continue
+                    budget = w[e].numel() * w.element_size() // 4
+                    try:
+                        rec.codes[e], rec.values[e] = ops.merge_exact_(w[e], a[e], b[e], scale, False, max_record_bytes=budget)
+                    except ValueError as error:
+                        if "max_record_bytes" not in str(error):
+                            raise
+                        raise ValueError(
+                            f"loracuda.merge: the exact restore record of expert {e} of '{path}.{p}' would take more "
+                            f"than a quarter of its weight ({budget} bytes); nothing was merged. Use "
+                            "merge(..., exact=False) for an inexact merge."
+                        ) from error
+            except BaseException:
+                _undo(m, p, rec)  # the experts of this parameter merged so far (codes None: not merged)
+                raise
+            done.append((path, m, p, rec))
+    except BaseException:
+        rollback(done)
+        raise
+    for path, m, p, rec in done:
+        rec.weight_version = getattr(m.base_layer, p)._version
+        rec.factor_versions = _factor_versions(m, p, rec.adapters)
+        for n in rec.adapters:
+            m.merged[(p, n)] = rec
+    return done
+
+
+def rollback(done: list) -> None:
+    """Unmerges the records of one merge_experts call (newest first), bit for bit for exact ones."""
+    for path, m, p, rec in reversed(done):
+        if not rec.exact or all(c is not None for c in rec.codes):
+            _undo(m, p, rec)
+        for n in rec.adapters:
+            m.merged.pop((p, n), None)
+        previous = _records(m, p)
+        if previous:
+            previous[-1].weight_version = getattr(m.base_layer, p)._version
+
+
+def _records(m: LoRAExperts, param: str) -> list:
+    out = []
+    for (p, _), rec in m.merged.items():
+        if p == param and (not out or out[-1] is not rec):
+            out.append(rec)
+    return out
+
+
+def unmerge_plan(model: nn.Module, adapter=None) -> list:
+    """[(path, wrapper, parameter, records newest first)] to unmerge, after every check (raises,
+    changing nothing, when a record no longer fits its tensors or the order forbids it)."""
+    wanted = None if adapter is None else ({adapter} if isinstance(adapter, str) else set(adapter))
+    plan = []
+    for path, m in expert_layers(model):
+        for p in EXPERT_PARAMS:
+            recs = _records(m, p)
+            todo = [r for r in recs if wanted is None or wanted & set(r.adapters)]
+            if not todo:
+                continue
+            where = f"experts parameter '{path}.{p}'"
+            if todo != recs[len(recs) - len(todo):]:
+                raise ValueError(f"loracuda.unmerge: {where} has {[list(r.adapters) for r in recs]} merged in this order; unmerge the later ones first")
+            for r in todo:
+                if wanted is not None and not set(r.adapters) <= wanted:
+                    raise ValueError(f"loracuda.unmerge: {where} has {list(r.adapters)} merged together; unmerge them together")
+            newest = todo[-1]
+            if newest.exact and getattr(m.base_layer, p)._version != newest.weight_version:
+                raise RuntimeError(
+                    f"loracuda.unmerge: {where} was modified after {list(newest.adapters)} was merged, so the exact "
+                    "restore record no longer applies; nothing was unmerged"
+                )
+            for r in todo:
+                if r.exact and _factor_versions(m, p, r.adapters) != r.factor_versions:
+                    raise RuntimeError(
+                        f"loracuda.unmerge: adapter {list(r.adapters)} of {where} was modified after it was merged, so "
+                        "the exact restore record no longer applies; nothing was unmerged"
+                    )
+            plan.append((path, m, p, list(reversed(todo))))
+    return plan
+
+
+@torch.no_grad()
+def unmerge_apply(plan: list) -> list[str]:
+    done = []
+    for path, m, p, todo in plan:
+        for rec in todo:
+            _undo(m, p, rec)
+            for n in rec.adapters:
+                del m.merged[(p, n)]
+            remaining = _records(m, p)
+            if remaining:
+                remaining[-1].weight_version = getattr(m.base_layer, p)._version
+        done.append(f"{path}.{p}")
+    return done
