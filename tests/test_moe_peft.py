@@ -91,7 +91,6 @@ PEFT_INTO_OURS = [(c, torch.float32) for c in CASES] + [("qwen3-e16-k4-h128", to
 def test_peft_file_into_loracuda(tmp_path, case, dtype):
     pm = peft_model(case, dtype)
     randomize(pm, seed=5)
-    pm.train()  # train mode on both sides (no dropout: PEFT refuses it on parameters)
     pm.save_pretrained(tmp_path)
     ids = tokens()
     plain = run(pm, ids)
