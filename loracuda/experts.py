@@ -83,11 +83,13 @@ def target_parameter_paths(model: nn.Module, target_parameters: Optional[Sequenc
     targets = [target_parameters] if isinstance(target_parameters, str) else list(target_parameters)
     found: dict[str, list[str]] = {}
     used = set()
+    wrappers = []
     for path, module in model.named_modules():
+        if any(path.startswith(w + ".") for w in wrappers):
+            continue  # inside a LoRAExperts: its base module is matched through the wrapper's path
         if isinstance(module, LoRAExperts):
+            wrappers.append(path)
             module, owner = module.base_layer, path
-        elif path.endswith(".base_layer") or path == "base_layer":
-            continue  # the wrapped module of a LoRAExperts is matched through its wrapper
         else:
             owner = path
         for pname, _ in module.named_parameters(recurse=False):
