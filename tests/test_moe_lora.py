@@ -188,3 +188,66 @@ def test_mixtral_experts_implementation_registered():
     expected = logits(model, ids)
     model.set_experts_implementation("loracuda")
     assert torch.allclose(logits(model, ids), expected, atol=1e-5, rtol=1e-5)
+
+
+def _experts_reference(experts, hidden, index, weights, factors, seeds, p, dtype=torch.float64):
+    """The experts' output in plain PyTorch (in ``dtype``): rows sorted by expert (stable), each adapted
+    parameter's LoRA input dropped by the hash mask of its call's seed over the [S, K] sorted rows."""
+    from loracuda import reference
+
+    k = index.shape[1]
+    ids, perm = torch.sort(index.reshape(-1), stable=True)
+    x = hidden.to(dtype)[perm // k]
+
+    def project(param, x, seed):
+        w = getattr(experts, param).detach().to(dtype)[ids]  # [S, N, K]
+        y = torch.einsum("snk,sk->sn", w, x)
+        a, b, scale = factors[param]
+        h = torch.einsum("srk,sk->sr", a[ids], reference.dropped(x, p, seed))
+        return y + scale * torch.einsum("snr,sr->sn", b[ids], h)
+
+    gate, up = project("gate_up_proj", x, seeds[0]).chunk(2, dim=-1)
+    out = project("down_proj", experts.act_fn(gate) * up, seeds[1])
+    out = out * weights.to(dtype).reshape(-1)[perm].unsqueeze(-1)
+    return torch.zeros(hidden.shape, dtype=dtype).index_add_(0, perm // k, out)
+
+
+@pytest.mark.skipif(getattr(loracuda, "grouped_lora_linear", None) is None,
+                    reason="this build has no loracuda.grouped_lora_linear op (expert dropout needs it)")
+def test_expert_dropout_is_the_seeded_hash_mask():
+    """Dropout on expert LoRA: the mask of each grouped call is the hash of (its seed, row · K + column)
+    over the sorted rows, the seed drawn from torch's generator (gate_up's first, then down's); forward
+    and the factors' gradients against a float64 plain-PyTorch computation with those masks (and the
+    same in float32 as the tolerance rule's plain result)."""
+    from tiny_models import assert_within_rule
+
+    p = 0.25
+    model = qwen3_moe(experts=8, top_k=2)
+    loracuda.inject(model, loracuda.LoraConfig(r=4, alpha=8, dropout=p, target_parameters=EXPERT_TARGETS))
+    randomize(model)
+    m = model.model.layers[0].mlp.experts
+    m.train()
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(20, 64, generator=g)
+    index = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(20)])
+    weights = torch.rand(20, 2, generator=g)
+    torch.manual_seed(11)
+    seeds = [int(torch.randint(0, 2**62, (1,))), int(torch.randint(0, 2**62, (1,)))]
+    torch.manual_seed(11)
+    ours = m(hidden, index, weights)
+    ours.pow(2).sum().backward()
+    results = {}
+    for dtype in (torch.float64, torch.float32):
+        factors = {q: (m.lora_A[q]["default"].detach().to(dtype).requires_grad_(),
+                       m.lora_B[q]["default"].detach().to(dtype).requires_grad_(), m.scaling[(q, "default")])
+                   for q in lx.EXPERT_PARAMS}
+        out = _experts_reference(m.base_layer, hidden, index, weights, factors, seeds, p, dtype)
+        out.pow(2).sum().backward()
+        results[dtype] = (out.detach(), factors)
+    undropped = _experts_reference(m.base_layer, hidden, index, weights, results[torch.float64][1], seeds, 0.0)
+    assert not torch.allclose(ours.detach().double(), undropped.detach(), rtol=1e-3, atol=1e-4)
+    assert_within_rule(ours.detach(), results[torch.float32][0], results[torch.float64][0])
+    for q in lx.EXPERT_PARAMS:
+        for i, name in enumerate(("lora_A", "lora_B")):
+            got = getattr(m, name)[q]["default"].grad
+            assert_within_rule(got, results[torch.float32][1][q][i].grad, results[torch.float64][1][q][i].grad, factor=3.0)
