@@ -206,6 +206,12 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], name: str, met
         raise ValueError(f"loracuda.combine_adapters: the model already has an adapter named {name!r}")
     if not weights:
         raise ValueError("loracuda.combine_adapters: argument 'weights' is empty")
+    on_experts = sorted(set(weights) & experts.adapter_names(model))
+    if on_experts:
+        raise ValueError(
+            f"loracuda.combine_adapters: adapters {on_experts} adapt experts (target_parameters), which "
+            "combine_adapters does not support; the model is unchanged"
+        )
     known = {n for _, layer in lora_layers(model) for n in layer.lora_A}
     missing = [n for n in weights if n not in known]
     if missing:

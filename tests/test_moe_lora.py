@@ -175,6 +175,9 @@ def test_features_without_expert_support_refuse_by_name(tmp_path):
     with pytest.raises(ValueError, match="target_parameters"):
         loracuda.hot_swap(model, tmp_path)
     _assert_same(model, snap)
+    with pytest.raises(ValueError, match="target_parameters"):
+        loracuda.combine_adapters(model, {"default": 1.0}, "sum")
+    _assert_same(model, snap)
     pool = loracuda.AdapterPool(qwen3_moe(), max_adapters=2, max_rank=8, target_modules=["q_proj"])
     with pytest.raises(ValueError, match="target_parameters"):
         pool.load(tmp_path)
