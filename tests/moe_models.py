@@ -9,7 +9,9 @@ EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]  # Qwen3-
 MIXTRAL_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
-def qwen3_moe(seed=0, dtype=torch.float32, hidden=64, experts=8, top_k=2, intermediate=32, layers=2) -> nn.Module:
+def qwen3_moe(seed=0, dtype=torch.float32, hidden=64, experts=8, top_k=2, intermediate=32, layers=2,
+              dense_layers=()) -> nn.Module:
+    """dense_layers: indices of layers with a dense MLP (gate_proj / up_proj / down_proj linear layers)."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(seed)
@@ -17,7 +19,7 @@ def qwen3_moe(seed=0, dtype=torch.float32, hidden=64, experts=8, top_k=2, interm
         hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=intermediate,
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
         num_experts=experts, num_experts_per_tok=top_k, vocab_size=VOCAB, max_position_embeddings=64,
-        norm_topk_prob=True,
+        norm_topk_prob=True, mlp_only_layers=list(dense_layers),
     )
     return Qwen3MoeForCausalLM(config).to(dtype).eval()
 

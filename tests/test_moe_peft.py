@@ -16,8 +16,12 @@ from tiny_models import assert_within_rule
 # (builder, model kwargs, PEFT config kwargs): hidden 64-128, 4-16 experts, top-k 1-4, attention and
 # experts in one adapter, one or both experts parameters, rank / alpha patterns on experts.
 CASES = {
-    "qwen3-e8-k2": ("qwen3_moe", {"experts": 8, "top_k": 2},
-                    {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "target_parameters": EXPERT_TARGETS}),
+    # Layer 0 dense, layer 1 sparse. (PEFT rewrites target_modules entries named like the experts'
+    # pre-fusion projections, gate_proj / up_proj / down_proj on Qwen3-MoE, into target_parameters, so
+    # on such a model it cannot adapt the dense MLP by those names; loracuda adapts what the list names.)
+    "qwen3-e8-k2": ("qwen3_moe", {"experts": 8, "top_k": 2, "dense_layers": [0]},
+                    {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+                     "target_parameters": EXPERT_TARGETS}),
     "qwen3-e16-k4-h128": ("qwen3_moe", {"experts": 16, "top_k": 4, "hidden": 128, "intermediate": 48},
                           {"r": 8, "lora_alpha": 4, "target_modules": ["o_proj"], "target_parameters": EXPERT_TARGETS,
                            "rank_pattern": {"down_proj": 2}, "alpha_pattern": {r"layers\.1\.mlp\.experts\.gate_up_proj": 3}}),
