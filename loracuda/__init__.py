@@ -6,7 +6,7 @@ differentiable layer call; loracuda.build_info() says what this build can run on
 
 from . import ops
 from .buildinfo import build_info
-from .functional import lora_linear
+from .functional import grouped_lora_linear, lora_linear
 from .version import __version__
 from .config import LoraConfig
 from .layers import LoRALinear
@@ -15,7 +15,7 @@ from .merge import MergeReport, merge, unmerge
 from .peft_io import hot_swap, load_adapter, save_adapter
 from .serving import AdapterPool
 
-__all__ = ["__version__", "build_info", "lora_linear", "ops"]
+__all__ = ["__version__", "build_info", "grouped_lora_linear", "lora_linear", "ops"]
 __all__ += [
     "AdapterPool",
     "LoraConfig",

@@ -5,7 +5,22 @@ import torch
 from ._extension import _C
 from .version import __version__
 
-_OPS = ("shrink", "expand_add_", "merge_", "restore_codes", "unmerge_exact_", "merge_exact_", "backward", "lora_linear")
+_OPS = (
+    "shrink",
+    "expand_add_",
+    "merge_",
+    "restore_codes",
+    "unmerge_exact_",
+    "merge_exact_",
+    "backward",
+    "lora_linear",
+    "grouped_shrink",
+    "grouped_expand_add_",
+    "grouped_backward",
+    "grouped_mm",
+    "grouped_weight_grad",
+    "grouped_lora_linear",
+)
 
 
 def op_names() -> tuple[str, ...]:
