@@ -14,6 +14,8 @@ _OPS = (
     "merge_exact_",
     "backward",
     "lora_linear",
+    "multi_shrink",
+    "multi_expand_add_",
     "grouped_shrink",
     "grouped_expand_add_",
     "grouped_backward",

@@ -139,6 +139,8 @@ class LoraConfig:
         for name in ("target_modules", "exclude_modules", "modules_to_save"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
+                if not isinstance(value, (list, tuple, set, frozenset)):
+                    raise ValueError(f"LoraConfig: argument '{name}' must be a string or a list of strings, got {value!r}")
                 value = list(value)
                 if not all(isinstance(v, str) for v in value):
                     raise ValueError(f"LoraConfig: argument '{name}' must be a string or a list of strings, got {value!r}")
@@ -156,6 +158,8 @@ class LoraConfig:
                         raise ValueError(f"LoraConfig: argument '{name}' has an invalid regex {key!r}: {error}") from None
                     if name == "rank_pattern" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                         raise ValueError(f"LoraConfig: argument 'rank_pattern' maps {key!r} to {v!r}; ranks are ints >= 1")
+                    if name == "alpha_pattern" and not _is_finite_number(v):
+                        raise ValueError(f"LoraConfig: argument 'alpha_pattern' maps {key!r} to {v!r}; alphas are finite numbers")
                 setattr(self, name, value)
         if self.target_parameters is not None:
             value = [self.target_parameters] if isinstance(self.target_parameters, str) else list(self.target_parameters)
@@ -163,7 +167,12 @@ class LoraConfig:
                 raise ValueError(f"LoraConfig: argument 'target_parameters' must be a list of strings, got {value!r}")
             self.target_parameters = value or None
         if self.layers_to_transform is not None and not isinstance(self.layers_to_transform, int):
-            self.layers_to_transform = [int(i) for i in self.layers_to_transform]
+            wanted = self.layers_to_transform
+            if not isinstance(wanted, (list, tuple)) or not all(_is_integral(i) for i in wanted):
+                raise ValueError(f"LoraConfig: argument 'layers_to_transform' must be an int or a list of ints, got {wanted!r}")
+            self.layers_to_transform = [int(i) for i in wanted]
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"LoraConfig: argument 'use_rslora' must be a bool, got {self.use_rslora!r}")
 
     # ---- per-module values ----------------------------------------------------------------------
 
@@ -263,7 +272,9 @@ class LoraConfig:
     def from_peft(cls, source: Union[dict, str, os.PathLike]) -> "LoraConfig":
         """From a PEFT LoRA config: a dict (adapter_config.json's content, or a PEFT config's to_dict()),
         a path to an adapter folder, or a path to its adapter_config.json. Unknown keys are kept.
-        Raises ValueError for another peft_type or an unsupported option (e.g. use_dora: true)."""
+        Raises ValueError for another peft_type, an unsupported option (e.g. use_dora: true) or a value
+        out of range (naming the file, the key and the value)."""
+        where = "adapter config"
         if not isinstance(source, dict):
             path = os.fspath(source)
             if os.path.isdir(path):
@@ -277,7 +288,9 @@ class LoraConfig:
                 raise ValueError(f"loracuda: {path!r} is not valid JSON: {error}") from None
             if not isinstance(source, dict):
                 raise ValueError(f"loracuda: {path!r} must hold a JSON object")
+            where = f"adapter config {path!r}"
         data = dict(source)
+        _check_peft_values(data, where)
         peft_type = data.get("peft_type", "LORA")
         peft_type = getattr(peft_type, "value", peft_type)  # PEFT's in-memory configs hold an enum
         if str(peft_type).upper() != "LORA":
@@ -305,13 +318,20 @@ class LoraConfig:
         extra = {k: _plain(v) for k, v in data.items() if k not in _PEFT_KNOWN}
         if init not in (True, False, "gaussian"):
             extra["init_lora_weights"] = init
+        try:
+            return cls._from_checked(data, targets, init_mode, extra)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"loracuda: {where}: {error}") from None
+
+    @classmethod
+    def _from_checked(cls, data: dict, targets, init_mode: str, extra: dict) -> "LoraConfig":
         return cls(
             r=int(data.get("r", 8)),
             alpha=data.get("lora_alpha", 8),
             dropout=float(data.get("lora_dropout", 0.0) or 0.0),
             target_modules=targets,
             exclude_modules=data.get("exclude_modules"),
-            rank_pattern=data.get("rank_pattern") or None,
+            rank_pattern={k: int(v) for k, v in data["rank_pattern"].items()} if data.get("rank_pattern") else None,
             alpha_pattern=data.get("alpha_pattern") or None,
             use_rslora=bool(data.get("use_rslora", False)),
             bias=data.get("bias", "none"),
@@ -359,6 +379,64 @@ class LoraConfig:
         out.setdefault("base_model_name_or_path", None)
         out.setdefault("inference_mode", True)
         return out
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_integral(value) -> bool:
+    """An int, or a float with an integer value (JSON writers may write 4 as 4.0); not a bool."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value) and value.is_integer())
+
+
+def _check_peft_values(data: dict, where: str) -> None:
+    """ValueError naming ``where``, the key and the value for a numeric PEFT config field out of its
+    range or of the wrong type (r 4.9 is refused, not truncated; 4.0 is read as 4). Run by from_peft on
+    every loading path (load_adapter, hot_swap, AdapterPool.load), before anything else reads them."""
+
+    def bad(key, value, what):
+        raise ValueError(f"loracuda: {where}: key {key!r} must be {what}, got {value!r}")
+
+    if "r" in data and not (_is_integral(data["r"]) and data["r"] >= 1):
+        bad("r", data["r"], "a positive integer")
+    if "lora_alpha" in data and not _is_finite_number(data["lora_alpha"]):
+        bad("lora_alpha", data["lora_alpha"], "a finite number")
+    dropout = data.get("lora_dropout")
+    if dropout is not None and not (_is_finite_number(dropout) and 0.0 <= dropout < 1.0):
+        bad("lora_dropout", dropout, "a number in [0, 1)")
+    for key in ("rank_pattern", "alpha_pattern"):
+        table = data.get(key)
+        if table is None:
+            continue
+        if not isinstance(table, dict):
+            bad(key, table, "an object {regex: value}")
+        for pattern, value in table.items():
+            if not isinstance(pattern, str):
+                bad(key, pattern, "keyed by regex strings")
+            ok = _is_integral(value) and value >= 1 if key == "rank_pattern" else _is_finite_number(value)
+            if not ok:
+                raise ValueError(
+                    f"loracuda: {where}: key {key!r} maps {pattern!r} to {value!r}; expected "
+                    + ("a positive integer" if key == "rank_pattern" else "a finite number")
+                )
+    for key in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
+        value = data.get(key)
+        if value is None or isinstance(value, str):
+            continue
+        if not isinstance(value, (list, tuple, set, frozenset)) or not all(isinstance(v, str) for v in value):
+            bad(key, value, "a string or a list of strings")
+    layers = data.get("layers_to_transform")
+    if layers is not None and not (
+        _is_integral(layers) or (isinstance(layers, (list, tuple)) and all(_is_integral(i) for i in layers))
+    ):
+        bad("layers_to_transform", layers, "an integer or a list of integers")
+    for key in ("use_rslora", "fan_in_fan_out"):
+        value = data.get(key)
+        if value is not None and not isinstance(value, bool):
+            bad(key, value, "true or false")
 
 
 def _plain(value):

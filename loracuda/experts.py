@@ -732,3 +732,40 @@ def unmerge_apply(plan: list) -> list[str]:
                 remaining[-1].weight_version = getattr(m.base_layer, p)._version
         done.append(f"{path}.{p}")
     return done
+
+
+def wrapped_paths(model: nn.Module) -> set:
+    return {p for p, _ in expert_layers(model)}
+
+
+def undo_inject(model: nn.Module, adapter: str, targets: dict, wrapped_before: set) -> None:
+    """Puts the experts of ``targets`` back as they were before a failed inject of ``adapter``."""
+    for path in targets:
+        m = model.get_submodule(path)
+        if not isinstance(m, LoRAExperts):
+            continue
+        if adapter in m.adapters:
+            m.delete_adapter(adapter)
+        if path not in wrapped_before:
+            _set_module(model, path, m.base_layer)
+
+
+class PeftLayoutFactor:
+    """One expert factor seen in PEFT's flat layout (A [r·E, K], B [N, r·E]) for the file loader:
+    ``copy_`` writes a flat tensor into the [E, r, K] / [E, N, r] parameter, ``detach`` returns a flat copy."""
+
+    def __init__(self, module: "LoRAExperts", param: str, kind: str, adapter: str):
+        self.param = (module.lora_A if kind == "expert_A" else module.lora_B)[param][adapter]
+        self.kind = kind
+
+    def copy_(self, flat: Tensor) -> "PeftLayoutFactor":
+        if self.kind == "expert_A":
+            self.param.copy_(flat.view(self.param.shape))
+        else:
+            e, n, r = self.param.shape
+            self.param.copy_(flat.view(n, r, e).permute(2, 0, 1))
+        return self
+
+    def detach(self) -> Tensor:
+        p = self.param.detach()
+        return p.reshape(-1, p.shape[-1]).clone() if self.kind == "expert_A" else p.permute(1, 2, 0).reshape(p.shape[1], -1)

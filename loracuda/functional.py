@@ -82,7 +82,9 @@ def lora_linear(
         raise ValueError("loracuda.lora_linear: argument 'x' must have at least one dimension [..., K]")
     seed_t = None
     if p > 0.0:
-        seed_t = new_seed(x.device) if seed is None else ops.seed_tensor(seed, x.device)
+        # An int seed becomes a CPU tensor, which the kernels read on the host: a copy to the device
+        # would be a blocking host-to-device copy (a host synchronisation).
+        seed_t = new_seed(x.device) if seed is None else ops.seed_tensor(seed)
     device_type = x.device.type
     if _autocast_enabled(device_type):
         x, weight, bias = autocast_inputs(x, weight, bias)

@@ -17,6 +17,7 @@ from torch import nn
 from . import experts
 from .config import LoraConfig, is_conv1d
 from .layers import LoRALinear
+from .model_lock import locked
 
 CONFIGS_ATTR = "loracuda_configs"
 
@@ -69,6 +70,7 @@ def modules_to_save_params(model: nn.Module, config: LoraConfig) -> dict[str, nn
     return out
 
 
+@locked
 def inject(model: nn.Module, config: LoraConfig = None, adapter: str = "default") -> nn.Module:
     """Replaces the layers ``config`` targets by LoRALinear wrappers in place (layers already wrapped get
     one more adapter), adds adapter ``adapter`` to each, and freezes every parameter but the LoRA factors,
@@ -95,19 +97,37 @@ def inject(model: nn.Module, config: LoraConfig = None, adapter: str = "default"
         layer = module if isinstance(module, LoRALinear) else LoRALinear(module)
         if layer.merged:
             raise RuntimeError(f"loracuda.inject: layer {path!r} has merged adapters; unmerge before adding one")
-    # All checks passed: modify.
+    # All checks passed: modify. Allocating the factors can still fail (out of memory for a huge rank):
+    # then every layer wrapped or extended so far is put back as it was.
     was_training = model.training
-    for path in paths:
-        module = model.get_submodule(path)
-        if not isinstance(module, LoRALinear):
-            module = LoRALinear(module)
-            _set_module(model, path, module)
-        module.add_adapter(
-            adapter, config.rank_for(path), config.alpha_for(path), config.dropout, config.use_rslora, config.init
-        )
-        module.train(was_training)
-    experts.inject_experts(model, config, adapter, expert_targets, was_training)
-    _freeze(model, config, paths)
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    experts_wrapped = experts.wrapped_paths(model)
+    done = []
+    try:
+        for path in paths:
+            original = model.get_submodule(path)
+            module = original if isinstance(original, LoRALinear) else LoRALinear(original)
+            training = module.training
+            module.add_adapter(
+                adapter, config.rank_for(path), config.alpha_for(path), config.dropout, config.use_rslora, config.init
+            )
+            done.append((path, original, module, training))
+            if module is not original:
+                _set_module(model, path, module)
+            module.train(was_training)
+        experts.inject_experts(model, config, adapter, expert_targets, was_training)
+        _freeze(model, config, paths)
+    except BaseException:
+        experts.undo_inject(model, adapter, expert_targets, experts_wrapped)
+        for path, original, module, training in reversed(done):
+            if adapter in module.lora_A:
+                module.delete_adapter(adapter)
+            module.train(training)
+            if module is not original:
+                _set_module(model, path, original)
+        for p, flag in grad_flags:
+            p.requires_grad_(flag)
+        raise
     table = dict(configs(model))
     table[adapter] = config
     setattr(model, CONFIGS_ATTR, table)
@@ -134,10 +154,16 @@ def _freeze(model: nn.Module, config: LoraConfig, paths: list[str]) -> None:
         p.requires_grad_(id(p) in trainable)
 
 
+@locked
 def set_adapter(model: nn.Module, names: Union[str, list[str]]) -> None:
-    """Makes ``names`` (one or several, summed) the active adapters of every layer that holds them; layers
-    holding none of them run their base layer only. Raises for an unknown name, changing nothing."""
+    """Makes ``names`` (one or several, summed; a name given twice counts once) the active adapters of
+    every layer that holds them; layers holding none of them run their base layer only. Raises for an
+    unknown name, changing nothing."""
     names = [names] if isinstance(names, str) else list(names)
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"loracuda.set_adapter: argument 'names' must be a name or a list of names, got {bad[0]!r}")
+    names = list(dict.fromkeys(names))
     known = {n for _, layer in lora_layers(model) for n in layer.lora_A} | experts.adapter_names(model)
     missing = [n for n in names if n not in known]
     if missing:
@@ -156,6 +182,7 @@ def active_adapters(model: nn.Module) -> list[str]:
     return seen
 
 
+@locked
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Removes adapter ``name`` from every layer (a layer left without adapters goes back to its plain
     base layer). Raises, changing nothing, for an unknown or merged adapter."""
@@ -192,6 +219,7 @@ def disable_adapters(model: nn.Module):
             layer.disabled = was
 
 
+@locked
 @torch.no_grad()
 def combine_adapters(model: nn.Module, weights: dict[str, float], name: str, method: str = "cat") -> None:
     """Adds adapter ``name`` built from existing ones, weighted, on the layers that hold any of them.
@@ -202,10 +230,15 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], name: str, met
     of the deltas (cross terms), as weight averaging of LoRA factors is. The new adapter is not activated."""
     if method not in ("cat", "linear"):
         raise ValueError(f"loracuda.combine_adapters: argument 'method' must be 'cat' or 'linear', got {method!r}")
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"loracuda.combine_adapters: argument 'name' must be a non-empty string without '.', got {name!r}")
     if name in configs(model) or any(name in layer.lora_A for _, layer in lora_layers(model)):
         raise ValueError(f"loracuda.combine_adapters: the model already has an adapter named {name!r}")
-    if not weights:
-        raise ValueError("loracuda.combine_adapters: argument 'weights' is empty")
+    if not isinstance(weights, dict) or not weights:
+        raise ValueError(f"loracuda.combine_adapters: argument 'weights' must be a non-empty {{name: weight}} dict, got {weights!r}")
+    for n, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ValueError(f"loracuda.combine_adapters: argument 'weights' maps {n!r} to {w!r}; weights are finite numbers")
     on_experts = sorted(set(weights) & experts.adapter_names(model))
     if on_experts:
         raise ValueError(
@@ -227,7 +260,9 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], name: str, met
                 f"{ {n: layer.r[n] for n in names} } (use method='cat')"
             )
         plan.append((path, layer, names))
-    rank_pattern, alpha_pattern = {}, {}
+    if not any(n in configs(model) for n in weights):
+        raise ValueError(f"loracuda.combine_adapters: adapters {list(weights)} have no config on the model (inject or load them)")
+    rank_pattern, alpha_pattern, new = {}, {}, []
     for path, layer, names in plan:
         dtype = layer.lora_A[names[0]].dtype
         if method == "cat":
@@ -239,14 +274,20 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], name: str, met
             a = sum(layer.lora_A[n].float() * c[n] for n in names)
             b = sum(layer.lora_B[n].float() * (c[n] * sign[n]) for n in names)
         r = a.shape[0]
-        layer.lora_A[name] = nn.Parameter(a.to(dtype))
-        layer.lora_B[name] = nn.Parameter(b.to(dtype))
-        layer.r[name], layer.alpha[name], layer.scaling[name] = r, float(r), 1.0
-        layer.dropout_p[name] = max(layer.dropout_p[n] for n in names)
+        a, b = a.to(dtype), b.to(dtype)
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise ValueError(f"loracuda.combine_adapters: the combined factors of layer {path!r} are not finite in {dtype}")
+        new.append((layer, a, b, r, max(layer.dropout_p[n] for n in names)))
         key = "^" + path.replace(".", r"\.")  # an exact-path key (PEFT matches keys at the path's end)
         rank_pattern[key] = r
         alpha_pattern[key] = r
-    first = configs(model)[next(iter(weights))]
+    # Everything is computed and checked: write.
+    for layer, a, b, r, dropout in new:
+        layer.lora_A[name] = nn.Parameter(a)
+        layer.lora_B[name] = nn.Parameter(b)
+        layer.r[name], layer.alpha[name], layer.scaling[name] = r, float(r), 1.0
+        layer.dropout_p[name] = dropout
+    first = configs(model)[next(n for n in weights if n in configs(model))]
     config = copy.deepcopy(first)
     config.r, config.alpha, config.use_rslora = 8, 8, False
     config.rank_pattern, config.alpha_pattern = rank_pattern, alpha_pattern
@@ -260,6 +301,7 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], name: str, met
     _freeze(model, config, [p for p, _, _ in plan])
 
 
+@locked
 @torch.no_grad()
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merges each layer's active adapters into its weight (inexact: nothing is kept to undo it) and

@@ -18,7 +18,12 @@ Several adapters merged into a layer by one call are merged as one sum (their fa
 the rank, each B times its scale, scale 1), so that one record covers them; they come off together.
 
 The record is valid only while the adapter factors and the merged weight are unchanged: their tensor
-version counters are kept and unmerge refuses to run exactly if any has moved.
+version counters are kept and unmerge refuses to run exactly if any has moved. An inexact merge keeps
+the factors' counters too: unmerging subtracts the delta of the factors as they are, so after a
+change to them it refuses rather than subtract a delta that was never added.
+
+merge and unmerge hold the model's lock (loracuda.model_lock): two threads merging one model run one
+after the other, so an adapter is never merged twice.
 """
 
 import dataclasses
@@ -29,6 +34,7 @@ from torch import Tensor, nn
 
 from . import experts, ops
 from .layers import LoRALinear
+from .model_lock import locked
 
 # Rows of W per block in safe mode's finite check of W + delta: blocks of about 2^20 float32 values
 # (4 MiB), so the check never holds a full-size delta.
@@ -123,8 +129,20 @@ def _known(model: nn.Module) -> set:
     return linear | experts.adapter_names(model)
 
 
+def _wanted(adapter: Union[None, str, Iterable[str]], what: str) -> Optional[list[str]]:
+    """The adapter names asked for, in order, each once (["a", "a"] is "a": merging it twice would add
+    its delta twice); None for "the active ones"."""
+    if adapter is None:
+        return None
+    wanted = [adapter] if isinstance(adapter, str) else list(adapter)
+    bad = [n for n in wanted if not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"loracuda.{what}: argument 'adapter' must be a name or a list of names, got {bad[0]!r}")
+    return list(dict.fromkeys(wanted))
+
+
 def _plan(model: nn.Module, adapter: Union[None, str, Iterable[str]]) -> list[tuple[str, LoRALinear, list[str]]]:
-    wanted = None if adapter is None else ([adapter] if isinstance(adapter, str) else list(adapter))
+    wanted = _wanted(adapter, "merge")
     if wanted is not None:
         missing = [n for n in wanted if n not in _known(model)]
         if missing:
@@ -134,7 +152,7 @@ def _plan(model: nn.Module, adapter: Union[None, str, Iterable[str]]) -> list[tu
         if not isinstance(layer, LoRALinear):
             continue
         names = layer.active_adapters if wanted is None else [n for n in wanted if n in layer.lora_A]
-        names = [n for n in names if n not in layer.merged]
+        names = [n for n in dict.fromkeys(names) if n not in layer.merged]
         if names:
             plan.append((path, layer, names))
     return plan
@@ -170,6 +188,7 @@ def _unmerge_layer(layer: LoRALinear, rec: MergeRecord) -> None:
         ops.merge_(w, a, b, -scale, layer.fan_in_fan_out)
 
 
+@locked
 @torch.no_grad()
 def merge(
     model: nn.Module, adapter: Union[None, str, Iterable[str]] = None, safe: bool = False, exact: bool = True
@@ -207,12 +226,18 @@ def _merge_linear(model: nn.Module, plan: list, safe: bool, exact: bool) -> Merg
     if safe:
         for path, layer, names in plan:
             _check_finite(path, names, layer)
-    # Merge layer by layer; a record over budget (known only from the merge itself) rolls back the
-    # layers merged so far, exactly, with their records (the failing layer's op left it unchanged).
+    return merge_layers([(path, layer, names, exact) for path, layer, names in plan], exact)
+
+
+def merge_layers(plan: list[tuple[str, LoRALinear, list[str], bool]], exact: bool = True) -> MergeReport:
+    """Merges each (path, layer, names, exact) of ``plan`` (checked by the caller) and records it; all
+    or nothing: a record over budget (known only from the merge itself) rolls back the layers merged
+    so far, exactly, with their records (the failing layer's op left it unchanged), then raises naming
+    the layer's path."""
     done: list[tuple[LoRALinear, MergeRecord]] = []
     try:
-        for path, layer, names in plan:
-            done.append((layer, _merge_layer(path, layer, names, exact)))
+        for path, layer, names, layer_exact in plan:
+            done.append((layer, _merge_layer(path, layer, names, layer_exact)))
     except BaseException:
         for layer, rec in reversed(done):
             _unmerge_layer(layer, rec)
@@ -221,7 +246,7 @@ def _merge_linear(model: nn.Module, plan: list, safe: bool, exact: bool) -> Merg
                 previous[-1].weight_version = layer.weight._version
         raise
     report = MergeReport({}, {}, 0, 0, exact)
-    for (path, layer, names), (_, rec) in zip(plan, done):
+    for (path, layer, names, _), (_, rec) in zip(plan, done):
         w = layer.weight
         rec.weight_version = w._version
         rec.factor_versions = _versions(layer, names)
@@ -243,13 +268,15 @@ def _records(layer: LoRALinear) -> list[MergeRecord]:
     return out
 
 
+@locked
 @torch.no_grad()
 def unmerge(model: nn.Module, adapter: Union[None, str, Iterable[str]] = None) -> list[str]:
     """Undoes merges (all, or those of the named adapters), the most recent first, in place: bit-exact
     for exact merges. Adapters merged by one call come off together. Raises, changing nothing, if a
     record no longer fits its tensors (the adapter or the merged weight was modified since the merge)
     or the named adapters are not the most recent merges. Returns the paths of the layers unmerged."""
-    wanted = None if adapter is None else ({adapter} if isinstance(adapter, str) else set(adapter))
+    wanted = _wanted(adapter, "unmerge")
+    wanted = None if wanted is None else set(wanted)
     plan = []
     for path, layer in model.named_modules():
         if not (isinstance(layer, LoRALinear) and layer.merged):
@@ -280,10 +307,13 @@ def unmerge(model: nn.Module, adapter: Union[None, str, Iterable[str]] = None) -
                 "merged, so the exact restore record no longer applies; nothing was unmerged"
             )
         for rec in todo:
-            if rec.exact and _versions(layer, rec.adapters) != rec.factor_versions:
+            # Exact or not, unmerging subtracts the delta of the factors as they are now: factors changed
+            # since the merge would subtract a delta that was never added.
+            if _versions(layer, rec.adapters) != rec.factor_versions:
+                what = "the exact restore record no longer applies" if rec.exact else "subtracting its delta now would not undo the merge"
                 raise RuntimeError(
                     f"loracuda.unmerge: adapter {list(rec.adapters)} of layer {path!r} was modified after it was "
-                    "merged, so the exact restore record no longer applies; nothing was unmerged"
+                    f"merged ({'exact' if rec.exact else 'inexact'} merge), so {what}; nothing was unmerged"
                 )
     done = []
     for path, layer, todo in plan:

@@ -4,11 +4,13 @@ Notation (DESIGN.md §3): x [M, K] activations; lora_a [R, K] where R = S * r st
 lora_b [N, r]; h [M, R]; y [M, N]; weight [N, K] ([K, N] when ``transposed``). Activations are
 float32, bfloat16 or float16 (float64 on the CPU, for gradcheck); adapter factors are in the
 activations' dtype or float32. Accumulation is float32 (float64 for float64 inputs), so ``h`` is
-float32. Every op runs on the current CUDA stream without a host synchronisation.
+float32. Every op runs on the current CUDA stream, and on CUDA all but two make no host synchronisation
+(tests/test_sync_free.py): ``merge_exact_`` and ``unmerge_exact_`` with ``escape_values`` synchronise,
+since they size tensors by the number of escapes.
 
 Dropout: ``seed`` is an int64 tensor of one element (on the CPU or on the activations' device) or a
-Python int; the mask is a hash of (seed, m * K + k), identical on CPU and CUDA and between forward
-and backward (csrc/dropout_hash.h).
+Python int (made a CPU tensor, read on the host without a device wait); the mask is a hash of
+(seed, m * K + k), identical on CPU and CUDA and between forward and backward (csrc/dropout_hash.h).
 """
 
 from typing import Optional, Sequence, Union
@@ -76,7 +78,8 @@ def unmerge_exact_(
     """In place, the inverse of ``merge_`` with the same ``scale``: weight = round(weight - delta), then
     each element's restore code applied. Elements with code 3 get ``escape_values`` (1-D, the weight's
     dtype, one value per code-3 element in flat-index order, as :func:`merge_exact_` returns them) when
-    given; otherwise they are left for the caller to patch."""
+    given; otherwise they are left for the caller to patch. On CUDA, with ``escape_values`` it synchronises
+    with the host (locating the escapes sizes a tensor by their count); without, it does not."""
     _ops.unmerge_exact_(weight, lora_a, lora_b, float(scale), bool(transposed), codes, escape_values)
 
 
@@ -88,7 +91,7 @@ def merge_exact_(
     code-3 elements (flat-index order, the weight's dtype). ``unmerge_exact_(..., codes, escape_values=
     escape_values)`` undoes it bit for bit. If the record (codes bytes + escapes * element bytes) exceeds
     ``max_record_bytes`` (negative: no limit), raises ValueError and leaves ``weight`` unchanged. On CUDA
-    it synchronises with the host once."""
+    it synchronises with the host (the record's size is the number of escapes)."""
     return _ops.merge_exact_(weight, lora_a, lora_b, float(scale), bool(transposed), int(max_record_bytes))
 
 

@@ -9,18 +9,19 @@ adapter_model.safetensors (metadata {"format": "pt"}) with, adapter name removed
 Files whose keys lack the "base_model.model." prefix are read too.
 
 Loading reads only safetensors (a pickle file is refused), and checks every key, shape and dtype against
-the model before any parameter is touched: on any error the model is unchanged. Saving writes temporary
-files in the target folder and renames them over the old ones (os.replace), so a failed save leaves the
-previous adapter intact.
+the model before any parameter is touched: on any error the model is unchanged. Saving replaces both
+files as one set (loracuda.adapter_folder): a failed or killed save leaves the previous adapter or the
+new one, never a mix, and other files in the folder are left alone.
 """
 
 import json
 import os
-import tempfile
+
 import torch
 from torch import Tensor, nn
 
-from . import experts
+from . import adapter_folder, experts
+from .model_lock import locked
 from .config import CONFIG_NAME, LoraConfig, is_conv1d
 from .inject import CONFIGS_ATTR, adapter_paths, configs, inject, lora_layers, modules_to_save_params
 
@@ -82,53 +83,42 @@ def _write_text(path: str, text: str) -> None:
         os.fsync(f.fileno())
 
 
+@locked
 def save_adapter(model: nn.Module, path: str, adapter: str = "default") -> None:
-    """Writes adapter ``adapter`` to folder ``path`` (created if needed) in PEFT's format. Each file is
-    written to a temporary file in the folder and renamed over the old one, so an error (permission
-    denied, a full disk, a write failing part-way) leaves a previous adapter there intact."""
+    """Writes adapter ``adapter`` to folder ``path`` (created if needed) in PEFT's format. The two files
+    replace the previous ones as one set (loracuda.adapter_folder): an error (permission denied, a full
+    disk, a write failing part-way) leaves a previous adapter there intact, a kill at any instant leaves
+    the previous adapter or the new one, and other files in the folder are left alone."""
     import safetensors.torch
 
     tensors = adapter_state_dict(model, adapter)
     config = configs(model)[adapter].to_peft()
     text = json.dumps(config, indent=2, sort_keys=True)
-    path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
 
-    # Both temporaries are written completely before either is renamed, so a failed write changes nothing.
-    fd_w, tmp_w = tempfile.mkstemp(prefix=f".{WEIGHTS_NAME}.", suffix=".tmp", dir=path)
-    os.close(fd_w)
-    fd_c, tmp_c = None, None
-    try:
-        safetensors.torch.save_file(tensors, tmp_w, metadata={"format": "pt"})
-        fd_c, tmp_c = tempfile.mkstemp(prefix=f".{CONFIG_NAME}.", suffix=".tmp", dir=path)
-        os.close(fd_c)
-        _write_text(tmp_c, text)
-        for tmp in (tmp_w, tmp_c):  # mkstemp makes owner-only files; adapter files are shared as usual
-            os.chmod(tmp, 0o644)
-        # The rename of the weights and of the config are two steps; between them (no write can fail
-        # there, only the rename of the config on the same folder) the folder holds the new weights.
-        os.replace(tmp_w, os.path.join(path, WEIGHTS_NAME))
-        tmp_w = None
-        os.replace(tmp_c, os.path.join(path, CONFIG_NAME))
-        tmp_c = None
-    finally:
-        for tmp in (tmp_w, tmp_c):
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
+    def write_weights(file: str) -> None:
+        safetensors.torch.save_file(tensors, file, metadata={"format": "pt"})
+
+    # Both files are replaced as one set: after an error the folder holds the previous adapter, after
+    # a kill at any instant the previous or the new one (loracuda.adapter_folder); other files stay.
+    adapter_folder.write_files(path, {WEIGHTS_NAME: write_weights, CONFIG_NAME: lambda file: _write_text(file, text)})
 
 
 # ---- reading and checking ------------------------------------------------------------------------
 
 
-def _weights_file(path: str) -> tuple[str, str]:
-    """(folder, safetensors file) for an adapter folder or a file path; refuses pickle files."""
+def _locate(path) -> tuple[str, str, bool]:
+    """(folder, weights file name, whether ``path`` named the folder) for an adapter folder or a path
+    to its safetensors file."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        folder, file = path, os.path.join(path, WEIGHTS_NAME)
-        if not os.path.exists(file):
+        return path, WEIGHTS_NAME, True
+    return os.path.dirname(path) or ".", os.path.basename(path), False
+
+
+def _check_weights_file(file: str, path: str, is_folder: bool) -> None:
+    """Refuses a missing file and a pickle file (``path``: what the caller named)."""
+    if not os.path.exists(file):
+        if is_folder:
             pickles = [n for n in PICKLE_NAMES if os.path.exists(os.path.join(path, n))]
             if pickles:
                 raise ValueError(
@@ -136,10 +126,9 @@ def _weights_file(path: str) -> tuple[str, str]:
                     "are loaded (pickle can run arbitrary code). Convert it with safetensors first."
                 )
             raise FileNotFoundError(f"loracuda: no {WEIGHTS_NAME} in {path!r}")
-    else:
-        folder, file = os.path.dirname(path) or ".", path
-        if not os.path.exists(file):
-            raise FileNotFoundError(f"loracuda: no adapter file or folder at {path!r}")
+        raise FileNotFoundError(f"loracuda: no adapter file or folder at {path!r}")
+    if os.path.isdir(file):
+        raise ValueError(f"loracuda: {file!r} is a folder, not a safetensors file")
     with open(file, "rb") as f:
         head = f.read(9)
     # A safetensors file starts with its header's length (u64, little endian) and the JSON header "{".
@@ -149,7 +138,38 @@ def _weights_file(path: str) -> tuple[str, str]:
             f"loracuda: {file!r} is a pickle / torch.save file, not safetensors; only safetensors adapter files "
             "are loaded (pickle can run arbitrary code)"
         )
-    return folder, file
+
+
+def _header_end(file: str, header) -> int:
+    """The end (bytes after the header) of the data a parsed safetensors header describes; ValueError
+    naming the file and the key for a header that is not safetensors' {name: {dtype, shape,
+    data_offsets [begin, end]}} object."""
+    if not isinstance(header, dict):
+        raise ValueError(
+            f"loracuda: {file!r} has a safetensors header that is a JSON {type(header).__name__}, not an object"
+        )
+    end = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(entry, dict):
+            raise ValueError(f"loracuda: {file!r}: safetensors header entry {key!r} is {entry!r}, not an object")
+        offsets = entry.get("data_offsets")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+            or offsets[0] > offsets[1]
+        ):
+            raise ValueError(
+                f"loracuda: {file!r}: safetensors header entry {key!r} has data_offsets {offsets!r}; "
+                "expected [begin, end] with 0 <= begin <= end"
+            )
+        for field in ("dtype", "shape"):
+            if field not in entry:
+                raise ValueError(f"loracuda: {file!r}: safetensors header entry {key!r} has no {field!r}")
+        end = max(end, offsets[1])
+    return end
 
 
 def _read_tensors(file: str) -> dict[str, Tensor]:
@@ -169,7 +189,7 @@ def _read_tensors(file: str) -> dict[str, Tensor]:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ValueError(f"loracuda: {file!r} has a corrupt safetensors header ({error})") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    end = _header_end(file, header)
     if 8 + header_len + end > size:
         raise ValueError(
             f"loracuda: {file!r} is truncated: its header describes {8 + header_len + end} bytes, the file has {size}"
@@ -256,9 +276,15 @@ def read_adapter(path: str) -> tuple[str, LoraConfig, dict[str, Tensor]]:
     """(weights file, config, tensors keyed without the base_model.model. prefix) of the adapter folder
     (or safetensors file) at ``path``. Reads safetensors only (a pickle file is refused) and checks the
     file's integrity; the keys and shapes are checked against a model by ``check_tensors``."""
-    folder, file = _weights_file(path)
-    config = LoraConfig.from_peft(folder)
-    return file, config, _strip(_read_tensors(file))
+    folder, name, is_folder = _locate(path)
+    # The two files are read as one set: under a shared lock against saves of this library, and, after
+    # a save that was killed mid-way, as its journal says (loracuda.adapter_folder).
+    with adapter_folder.reading(folder, [name, CONFIG_NAME]) as files:
+        file = files[name]
+        _check_weights_file(file, os.fspath(path), is_folder)
+        config = LoraConfig.from_peft(files[CONFIG_NAME])
+        tensors = _strip(_read_tensors(file))
+    return file, config, tensors
 
 
 def check_tensors(file: str, tensors: dict[str, Tensor], expected: dict, pad_rank: bool = False) -> None:
@@ -269,9 +295,82 @@ def check_tensors(file: str, tensors: dict[str, Tensor], expected: dict, pad_ran
     _check_ranks(file, tensors, expected)
 
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def file_scale(config: LoraConfig, path: str, rank: int) -> float:
+    """The scale of layer ``path`` for factors of ``rank`` rows: alpha / rank (alpha / sqrt(rank) with
+    rsLoRA), alpha from the config (alpha_pattern first)."""
+    return config.alpha_for(path) / ((rank**0.5) if config.use_rslora else rank)
+
+
+def check_adapter(file: str, config: LoraConfig, tensors: dict[str, Tensor], expected: dict, pad_rank: bool = False) -> None:
+    """The one check of an adapter's values that every loading path runs before writing anything
+    (load_adapter, hot_swap, AdapterPool.load): keys, shapes, dtypes and ranks (``check_tensors``),
+    every tensor finite, and every layer's scale finite in float32 (the kernels' scale type). The
+    config's own fields were range-checked when it was read (LoraConfig.from_peft). ValueError naming
+    the file, the key and the bad value."""
+    check_tensors(file, tensors, expected, pad_rank)
+    for key, (kind, path, _) in expected.items():
+        if kind == "A" and tensors[key].shape[0] != config.rank_for(path):
+            raise ValueError(
+                f"loracuda: adapter file {file!r}: key {key!r} has rank {tensors[key].shape[0]} but its config gives "
+                f"layer {path!r} rank {config.rank_for(path)} (r / rank_pattern); the scale would be wrong. "
+                "Nothing was changed."
+            )
+    for key in expected:
+        t = tensors[key]
+        if not torch.isfinite(t).all():
+            bad = t[~torch.isfinite(t)].reshape(-1)[0].item()
+            raise ValueError(
+                f"loracuda: adapter file {file!r}: key {key!r} holds NaN or infinite values (e.g. {bad}). "
+                "Nothing was changed."
+            )
+    for key, (kind, path, _) in expected.items():
+        if kind != "A":
+            continue
+        scale = file_scale(config, path, tensors[key].shape[0])
+        if not abs(scale) <= _FLOAT32_MAX:
+            raise ValueError(
+                f"loracuda: adapter {file!r}: layer {path!r} would get scale {scale!r} (alpha "
+                f"{config.alpha_for(path)!r}), which is not a finite float32. Nothing was changed."
+            )
+
+
 # ---- loading -------------------------------------------------------------------------------------
 
 
+def _layers(model: nn.Module) -> dict:
+    """{path: LoRALinear or LoRAExperts} of the model."""
+    return {**dict(lora_layers(model)), **dict(experts.expert_layers(model))}
+
+
+def _destination(layers: dict, adapter: str, kind: str, target) -> Tensor:
+    """The tensor an expected entry (``_expected``) is loaded into."""
+    if kind == "param":
+        return target
+    if kind in ("expert_A", "expert_B"):  # (experts path, parameter): the factor in PEFT's layout
+        return experts.PeftLayoutFactor(layers[target[0]], target[1], kind, adapter)
+    return (layers[target].lora_A if kind == "A" else layers[target].lora_B)[adapter]
+
+
+def _old_value(model: nn.Module, adapter: str, kind: str, target, exists: bool):
+    if kind == "param":
+        return target.detach().clone()
+    if not exists:
+        return None
+    return _destination(_layers(model), adapter, kind, target).detach().clone()
+
+
+def _scale_state(layer, adapter: str) -> tuple:
+    return layer.r[adapter], layer.alpha[adapter], layer.scaling[adapter], layer.dropout_p[adapter]
+
+
+def _restore_scale_state(layer, adapter: str, state: tuple) -> None:
+    layer.r[adapter], layer.alpha[adapter], layer.scaling[adapter], layer.dropout_p[adapter] = state
+
+
+@locked
 @torch.no_grad()
 def load_adapter(model: nn.Module, path: str, adapter: str = "default") -> nn.Module:
     """Loads a PEFT-format adapter folder into adapter ``adapter``, injecting it first when the model has
@@ -287,24 +386,39 @@ def load_adapter(model: nn.Module, path: str, adapter: str = "default") -> nn.Mo
                 "(or use hot_swap, which handles merged adapters)"
             )
     paths, expected = _expected(model, config, adapter)
-    check_tensors(file, tensors, expected, pad_rank=False)
-    if not exists:
-        inject(model, config, adapter)
-    layers = dict(lora_layers(model))
-    for key, (kind, target, _) in expected.items():
-        t = tensors[key]
-        if kind == "param":
-            target.copy_(t)
-        elif kind in ("expert_A", "expert_B"):
-            experts.copy_factor(model, kind, target, t, adapter)
-        else:
-            layer = layers[target]
-            (layer.lora_A if kind == "A" else layer.lora_B)[adapter].copy_(t)
-    if exists:
-        for p in paths:
-            layers[p].set_scale(adapter, config.rank_for(p), config.alpha_for(p), config.use_rslora)
-            layers[p].dropout_p[adapter] = float(config.dropout)
-        experts.set_scales(model, config, adapter)
+    check_adapter(file, config, tensors, expected, pad_rank=False)
+    # Everything is checked. The writes below cannot fail on checked input short of running out of
+    # memory; if one does, what was written is put back (the injection undone, old values restored).
+    old_values = {key: _old_value(model, adapter, kind, target, exists) for key, (kind, target, _) in expected.items()}
+    old_scales = {p: _scale_state(model.get_submodule(p), adapter) for p in paths} if exists else {}
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    injected = False
+    try:
+        if not exists:
+            inject(model, config, adapter)
+            injected = True
+        layers = _layers(model)
+        for key, (kind, target, _) in expected.items():
+            _destination(layers, adapter, kind, target).copy_(tensors[key])
+        if exists:
+            for p in paths:
+                layers[p].set_scale(adapter, config.rank_for(p), config.alpha_for(p), config.use_rslora)
+                layers[p].dropout_p[adapter] = float(config.dropout)
+            experts.set_scales(model, config, adapter)
+    except BaseException:
+        layers = _layers(model)
+        for key, (kind, target, _) in expected.items():
+            if old_values[key] is not None and (kind == "param" or not injected):
+                _destination(layers, adapter, kind, target).copy_(old_values[key])
+        for p, state in old_scales.items():
+            _restore_scale_state(layers[p], adapter, state)
+        if injected:
+            from .inject import delete_adapter
+
+            delete_adapter(model, adapter)
+        for p, flag in grad_flags:
+            p.requires_grad_(flag)
+        raise
     stored = dict(configs(model))
     config.fan_in_fan_out = stored[adapter].fan_in_fan_out if adapter in stored else config.fan_in_fan_out
     stored[adapter] = config
@@ -312,13 +426,16 @@ def load_adapter(model: nn.Module, path: str, adapter: str = "default") -> nn.Mo
     return model
 
 
+@locked
 @torch.no_grad()
 def hot_swap(model: nn.Module, path: str, adapter: str = "default") -> None:
     """Copies the adapter in folder ``path`` into the existing adapter ``adapter`` in place: same target
     layers; a file rank smaller than the layer's is zero-padded, and the file's scale is folded into B so
     the layers' scales (and a compiled graph) stay as they are. Merged layers are unmerged, updated and
-    merged again. Everything is checked before anything changes."""
-    from .merge import merge, unmerge
+    merged again. Everything that can be checked is checked before anything changes; if merging the new
+    factors again fails (an exact restore record over its budget), the previous factors are put back
+    and merged as before (bit for bit for exact merges), and the error names the layer."""
+    from .merge import merge_layers, unmerge
 
     if adapter in experts.adapter_names(model):
         raise ValueError(
@@ -330,26 +447,55 @@ def hot_swap(model: nn.Module, path: str, adapter: str = "default") -> None:
     file, config, tensors = read_adapter(path)
     experts.refuse_in("hot_swap", config)
     paths, expected = _expected(model, config, adapter)
-    check_tensors(file, tensors, expected, pad_rank=True)
+    check_adapter(file, config, tensors, expected, pad_rank=True)
     layers = dict(lora_layers(model))
     for p in paths:
         if layers[p].scaling[adapter] == 0.0:
             raise ValueError(f"loracuda.hot_swap: layer {p!r} has scale 0 for adapter {adapter!r}; cannot fold the new scale in")
-    merged = {p: layers[p].merged[adapter] for p in paths if adapter in layers[p].merged}
-    if merged:
-        unmerge(model, adapter)  # checks every record before writing
+    # The new factors of every layer, zero-padded to the layer's rank with the file's scale folded into
+    # B, computed and checked before anything is written.
+    new = {}
     for p in paths:
         layer = layers[p]
         a_file, b_file = tensors[f"{p}.lora_A.weight"], tensors[f"{p}.lora_B.weight"]
         r_file = a_file.shape[0]
-        factor = (config.alpha_for(p) / ((r_file**0.5) if config.use_rslora else r_file)) / layer.scaling[adapter]
-        a, b = layer.lora_A[adapter], layer.lora_B[adapter]
-        a.zero_()
-        b.zero_()
+        factor = file_scale(config, p, r_file) / layer.scaling[adapter]
+        a = torch.zeros_like(layer.lora_A[adapter])
+        b = torch.zeros_like(layer.lora_B[adapter])
         a[:r_file].copy_(a_file)
         b[:, :r_file].copy_(b_file.to(torch.float64).mul(factor) if factor != 1.0 else b_file)
-    for key, (kind, target, _) in expected.items():
-        if kind == "param":
-            target.copy_(tensors[key])
-    for p, rec in merged.items():
-        merge(layers[p], list(rec.adapters), exact=rec.exact)
+        if not torch.isfinite(b).all():
+            raise ValueError(
+                f"loracuda.hot_swap: adapter file {file!r}: layer {p!r}'s B times the scale ratio {factor!r} (the file's "
+                f"scale over the layer's {layer.scaling[adapter]!r}) is not finite in {b.dtype}. The model is unchanged."
+            )
+        new[p] = (a, b)
+    params = {key: target for key, (kind, target, _) in expected.items() if kind == "param"}
+    old = {p: (layers[p].lora_A[adapter].detach().clone(), layers[p].lora_B[adapter].detach().clone()) for p in paths}
+    old_params = {key: target.detach().clone() for key, target in params.items()}
+    merged = {p: layers[p].merged[adapter] for p in paths if adapter in layers[p].merged}
+    remerge = [(p, layers[p], list(rec.adapters), rec.exact) for p, rec in merged.items()]
+    if merged:
+        unmerge(model, adapter)  # checks every record before writing; raises with nothing changed
+
+    def write(factors: dict, values: dict) -> None:
+        for p, (a, b) in factors.items():
+            layers[p].lora_A[adapter].copy_(a)
+            layers[p].lora_B[adapter].copy_(b)
+        for key, target in params.items():
+            target.copy_(values[key])
+
+    try:
+        write(new, {key: tensors[key] for key in params})
+        if remerge:
+            merge_layers(remerge)
+    except BaseException as error:
+        # merge_layers left no layer merged: restore the previous factors, then merge them as before.
+        write(old, old_params)
+        if remerge:
+            merge_layers(remerge)
+        if isinstance(error, ValueError):
+            raise ValueError(
+                f"loracuda.hot_swap: {error} The model keeps its previous adapter {adapter!r}, merged as before."
+            ) from error
+        raise

@@ -98,9 +98,10 @@ def test_adapter_path_makes_no_copy_of_x(device_name, dtype, base_in_low_precisi
         assert copies(peft_layer(layer).train(), x, dtype, False) > ours
 
 
-def test_outside_autocast_low_precision_x_is_read_directly():
-    layer = make_layer("cpu", torch.bfloat16).train()
-    x = torch.randn(M, K, dtype=torch.bfloat16)
+def test_outside_autocast_low_precision_x_is_read_directly(device):
+    use_device(device.type, *LORA_LINEAR_OPS)
+    layer = make_layer(device, torch.bfloat16).train()
+    x = torch.randn(M, K, dtype=torch.bfloat16, device=device)
     mode = CountCopies(x.shape)
     with mode:
         y = layer(x)

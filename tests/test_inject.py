@@ -1,4 +1,5 @@
-"""inject and the adapter management API on whole models; from_peft; training lowers the loss."""
+"""inject and the adapter management API on whole models; from_peft; training lowers the loss. The tests
+that run a model run on every device; those that only read names and configs stay on the CPU."""
 
 import copy
 
@@ -12,8 +13,8 @@ from tiny_models import gpt2, ids, llama, logits, mlp, randomize_adapters
 
 
 @pytest.mark.parametrize("builder", [llama, gpt2, mlp])
-def test_inject_keeps_outputs_and_freezes_the_rest(builder):
-    model = builder()
+def test_inject_keeps_outputs_and_freezes_the_rest(builder, device):
+    model = builder(device=device)
     tokens = ids()
     before = logits(model, tokens)
     out = loracuda.inject(model, LoraConfig(r=4, alpha=8))
@@ -60,8 +61,8 @@ def test_rank_pattern_alpha_pattern_rslora_reach_the_layers():
     assert model.model.layers[0].self_attn.q_proj.scaling["default"] == 2.0
 
 
-def test_several_adapters_set_delete_disable():
-    model = llama()
+def test_several_adapters_set_delete_disable(device):
+    model = llama(device=device)
     tokens = ids()
     base = logits(model, tokens)
     loracuda.inject(model, LoraConfig(r=4), adapter="a")
@@ -89,8 +90,8 @@ def test_several_adapters_set_delete_disable():
     assert torch.equal(logits(model, tokens), base)
 
 
-def test_combined_adapter_saves_and_loads(tmp_path):
-    model = llama()
+def test_combined_adapter_saves_and_loads(tmp_path, device):
+    model = llama(device=device)
     loracuda.inject(model, LoraConfig(r=3, alpha=6, target_modules=["q_proj", "v_proj"]), adapter="a")
     loracuda.inject(model, LoraConfig(r=2, alpha=2, target_modules=["v_proj", "up_proj"]), adapter="b")
     randomize_adapters(model)
@@ -99,16 +100,18 @@ def test_combined_adapter_saves_and_loads(tmp_path):
     tokens = ids()
     expected = logits(model, tokens)
     loracuda.save_adapter(model, tmp_path, adapter="ab")
-    fresh = llama()
+    fresh = llama(device=device)
     loracuda.load_adapter(fresh, tmp_path)
     assert fresh.model.layers[0].self_attn.v_proj.r["default"] == 5
     assert fresh.model.layers[0].self_attn.q_proj.r["default"] == 3
     torch.testing.assert_close(logits(fresh, tokens), expected, rtol=1e-5, atol=1e-5)
-    pm = peft.PeftModel.from_pretrained(llama(), tmp_path).eval()
+    pm = peft.PeftModel.from_pretrained(llama(device=device), tmp_path).eval()
     torch.testing.assert_close(logits(pm, tokens), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_combine_adapters_cat_is_the_weighted_sum():
+    # CPU only: float64, so that the combination is checked to float64 rounding (no float64 CUDA kernels);
+    # combining on the device is covered by test_combined_adapter_saves_and_loads.
     model = mlp().double()
     tokens = ids()
     base = logits(model, tokens)
@@ -138,7 +141,7 @@ def test_combine_adapters_cat_is_the_weighted_sum():
 
 
 def test_combine_adapters_linear_same_rank():
-    model = mlp().double()
+    model = mlp().double()  # CPU only: float64, as above
     loracuda.inject(model, LoraConfig(r=3, alpha=6), adapter="a")
     loracuda.inject(model, LoraConfig(r=3, alpha=3), adapter="b")
     randomize_adapters(model)
@@ -152,12 +155,12 @@ def test_combine_adapters_linear_same_rank():
     torch.testing.assert_close(layer(x), ya)  # weight 1 on one adapter reproduces it
 
 
-def test_training_lowers_the_loss():
+def test_training_lowers_the_loss(device):
     for builder in (llama, gpt2):
-        model = builder()
+        model = builder(device=device)
         loracuda.inject(model, LoraConfig(r=4, alpha=8, dropout=0.05))
         model.train()
-        tokens = ids(batch=4, length=12, seed=7)
+        tokens = ids(batch=4, length=12, seed=7, device=device)
         params = [p for p in model.parameters() if p.requires_grad]
         # A larger learning rate for B, picked by name as PEFT users do.
         groups = [
@@ -176,9 +179,9 @@ def test_training_lowers_the_loss():
         assert losses[-1] < losses[0] - 0.1, losses
 
 
-def test_from_peft_shares_parameters_and_outputs():
+def test_from_peft_shares_parameters_and_outputs(device):
     torch.manual_seed(0)
-    pm = peft.get_peft_model(gpt2(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], modules_to_save=["ln_f"]))
+    pm = peft.get_peft_model(gpt2(device=device), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], modules_to_save=["ln_f"]))
     randomize_adapters(pm)
     pm.eval()
     tokens = ids()
@@ -191,6 +194,7 @@ def test_from_peft_shares_parameters_and_outputs():
     torch.testing.assert_close(logits(model, tokens), expected, rtol=1e-5, atol=1e-5)
     # The optimizer built on the PEFT model's parameters keeps training the converted model.
     model.train()
+    tokens = tokens.to(device)
     loss = model(tokens, labels=tokens).loss
     opt.zero_grad()
     loss.backward()
@@ -206,8 +210,8 @@ def test_from_peft_refuses_dora():
         loracuda.from_peft(pm)
 
 
-def test_from_peft_keeps_several_adapters_and_the_active_one():
-    pm = peft.get_peft_model(llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+def test_from_peft_keeps_several_adapters_and_the_active_one(device):
+    pm = peft.get_peft_model(llama(device=device), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     pm.add_adapter("second", peft.LoraConfig(r=2, lora_alpha=6, target_modules=["v_proj"], use_rslora=True))
     randomize_adapters(pm)
     pm.set_adapter("second")

@@ -1,5 +1,6 @@
 """LoRALinear: forward and gradients against the plain-PyTorch reference, Conv1D layout, several
-active adapters, dropout, and bad arguments."""
+active adapters, dropout, and bad arguments; on every device, except the float64 gradient and sum
+checks (float64 runs on the CPU kernels only) and the naming checks."""
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import loracuda
 from loracuda import LoRALinear, reference
 
 
-def make(kind, k=37, n=29, dtype=torch.float32, seed=0):
+def make(kind, k=37, n=29, dtype=torch.float32, seed=0, device="cpu"):
     torch.manual_seed(seed)
     if kind == "conv1d":
         from transformers.pytorch_utils import Conv1D
@@ -19,7 +20,7 @@ def make(kind, k=37, n=29, dtype=torch.float32, seed=0):
         nn.init.normal_(base.bias, std=0.1)
     else:
         base = nn.Linear(k, n, bias=(kind == "linear"))
-    base = base.to(dtype)
+    base = base.to(device=device, dtype=dtype)
     for p in base.parameters():
         p.requires_grad_(False)
     return LoRALinear(base)
@@ -38,11 +39,11 @@ def randomize(layer, name="default"):
 
 @pytest.mark.parametrize("kind", ["linear", "linear_nobias", "conv1d"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_forward_matches_reference(kind, dtype):
-    layer = make(kind, dtype=dtype)
+def test_forward_matches_reference(kind, dtype, device):
+    layer = make(kind, dtype=dtype, device=device)
     layer.add_adapter("default", r=5, alpha=10)
     randomize(layer)
-    x = torch.randn(3, 4, layer.in_features, dtype=dtype)
+    x = torch.randn(3, 4, layer.in_features, dtype=dtype, device=device)
     y = layer(x)
     assert y.shape == (3, 4, layer.out_features) and y.dtype == dtype
     w, b = weight_nk(layer), layer.base_layer.bias
@@ -55,24 +56,26 @@ def test_forward_matches_reference(kind, dtype):
     assert err <= 2 * err_plain or err < 1e-12, (err, err_plain)
 
 
-def test_default_init_leaves_outputs_unchanged():
+def test_default_init_leaves_outputs_unchanged(device):
     for kind in ("linear", "conv1d"):
-        layer = make(kind)
-        x = torch.randn(7, layer.in_features)
+        layer = make(kind, device=device)
+        x = torch.randn(7, layer.in_features, device=device)
         before = layer.base_layer(x)
         layer.add_adapter("default", r=4, alpha=8)
         assert layer.lora_A["default"].abs().sum() > 0 and layer.lora_B["default"].abs().sum() == 0
         torch.testing.assert_close(layer(x), before, rtol=0, atol=0)
 
 
-def test_low_precision_base_gets_float32_factors():
-    layer = make("linear", dtype=torch.bfloat16)
+def test_low_precision_base_gets_float32_factors(device):
+    layer = make("linear", dtype=torch.bfloat16, device=device)
     layer.add_adapter("default", r=4, alpha=8)
-    assert layer.lora_A["default"].dtype == torch.float32
-    assert layer.lora_B["default"].dtype == torch.float32
+    for factor in (layer.lora_A["default"], layer.lora_B["default"]):
+        assert factor.dtype == torch.float32 and factor.device == layer.base_layer.weight.device
 
 
 def test_gradients_reach_only_the_factors():
+    # CPU only: float64, checked against autograd through the reference to float64 rounding (the CUDA
+    # kernels take no float64; gradients on CUDA are checked in test_functional and test_autocast).
     layer = make("conv1d")
     layer.add_adapter("default", r=3, alpha=3)
     randomize(layer)
@@ -93,6 +96,7 @@ def test_gradients_reach_only_the_factors():
 
 
 def test_two_active_adapters_are_summed():
+    # CPU only: float64, so that the sum is checked to float64 rounding.
     layer = make("linear")
     layer.add_adapter("a", r=3, alpha=6)
     layer.add_adapter("b", r=2, alpha=1, use_rslora=True)
@@ -113,14 +117,14 @@ def test_two_active_adapters_are_summed():
     torch.testing.assert_close(layer(x), base, rtol=0, atol=0)
 
 
-def test_two_adapters_with_different_dropout_in_eval_mode():
-    layer = make("linear")
+def test_two_adapters_with_different_dropout_in_eval_mode(device):
+    layer = make("linear", device=device)
     layer.add_adapter("a", r=3, alpha=6, dropout=0.1)
     layer.add_adapter("b", r=2, alpha=4, dropout=0.3)
     randomize(layer, "a")
     randomize(layer, "b")
     layer.eval()
-    x = torch.randn(4, layer.in_features)
+    x = torch.randn(4, layer.in_features, device=device)
     layer.active_adapters = ["a", "b"]
     y = layer(x)
     w = layer.base_layer.weight
@@ -129,11 +133,11 @@ def test_two_adapters_with_different_dropout_in_eval_mode():
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_dropout_applies_in_training_only():
-    layer = make("linear")
+def test_dropout_applies_in_training_only(device):
+    layer = make("linear", device=device)
     layer.add_adapter("default", r=4, alpha=4, dropout=0.5)
     randomize(layer)
-    x = torch.randn(16, layer.in_features)
+    x = torch.randn(16, layer.in_features, device=device)
     layer.eval()
     y_eval = layer(x)
     torch.testing.assert_close(layer(x), y_eval, rtol=0, atol=0)
@@ -147,17 +151,17 @@ def test_dropout_applies_in_training_only():
     assert torch.equal(y1, y2) and not torch.equal(y1, y3) and not torch.equal(y1, y_eval)
 
 
-def test_bad_arguments():
+def test_bad_arguments(device):
     with pytest.raises(TypeError, match="base_layer"):
         LoRALinear(nn.Conv2d(3, 3, 1))
-    layer = make("linear")
+    layer = make("linear", device=device)
     layer.add_adapter("default", r=2, alpha=2)
     with pytest.raises(ValueError, match="already exists"):
         layer.add_adapter("default", r=2, alpha=2)
     with pytest.raises(ValueError, match="'name'"):
         layer.add_adapter("a.b", r=2, alpha=2)
     with pytest.raises(ValueError, match="'weight'.*K = 38"):
-        layer(torch.randn(3, layer.in_features + 1))
+        layer(torch.randn(3, layer.in_features + 1, device=device))
 
 
 def test_parameter_names_follow_the_adapter_name():

@@ -166,7 +166,7 @@ def test_merge_with_negative_scale_is_the_inexact_unmerge(device_name, case):
 def test_round_trip_across_cpu_thread_counts(dtype, adapter_dtype):
     """Codes made with one thread count, the merge with another and the unmerge with a third still
     restore the weight: each element's delta must not depend on how the work was split."""
-    use_device("cpu", *MERGE_OPS)
+    use_device("cpu", *MERGE_OPS)  # CPU only: thread counts split the CPU kernels' work
     g = torch.Generator().manual_seed(21)
     weight = torch.randn(515, 131, generator=g).to(dtype)
     lora_a = (torch.randn(16, 131, generator=g) / 131**0.5).to(adapter_dtype)
@@ -239,7 +239,7 @@ def test_merge_exact_is_merge_and_restore_codes(device_name, case):
 def test_merge_exact_on_a_large_weight_across_thread_counts():
     """Many row blocks over several threads: the escapes still come in flat order, and a record made
     with one thread count is undone with another."""
-    use_device("cpu", *EXACT_OPS)
+    use_device("cpu", *EXACT_OPS)  # CPU only: thread counts split the CPU kernels' work
     g = torch.Generator().manual_seed(5)
     weight = torch.randn(1031, 517, generator=g).to(BF16)
     lora_a = (torch.randn(16, 517, generator=g) / 517**0.5).to(F32)

@@ -1,4 +1,5 @@
-"""Model-level merge / unmerge: bit-exact restore over many cycles, record size, safe mode, guards."""
+"""Model-level merge / unmerge: bit-exact restore over many cycles, record size, safe mode, guards; on
+every device (the float64 reference of merge_and_unload stays on the CPU)."""
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from loracuda import layers as layers_module
 from tiny_models import assert_within_rule, gpt2, ids, llama, logits, randomize_adapters
 
 
-def one_layer(dtype, n=64, k=96, r=8, seed=0, b_scale=0.005, conv=False):
+def one_layer(dtype, n=64, k=96, r=8, seed=0, b_scale=0.005, conv=False, device="cpu"):
     """A model holding one adapted 64x96 layer whose merged delta changes most weight elements."""
     torch.manual_seed(seed)
     if conv:
@@ -20,7 +21,7 @@ def one_layer(dtype, n=64, k=96, r=8, seed=0, b_scale=0.005, conv=False):
         nn.init.normal_(base.weight, std=0.05)
     else:
         base = nn.Linear(k, n)
-    model = nn.Sequential(base.to(dtype))
+    model = nn.Sequential(base.to(device=device, dtype=dtype))
     loracuda.inject(model, LoraConfig(r=r, alpha=2 * r, target_modules=["0"]))
     layer = model[0]
     with torch.no_grad():
@@ -31,8 +32,8 @@ def one_layer(dtype, n=64, k=96, r=8, seed=0, b_scale=0.005, conv=False):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("conv, cycles", [(False, 1000), (True, 200)])  # the Conv1D layout: same kernel path, fewer cycles
-def test_many_cycles_restore_bit_exactly(dtype, conv, cycles):
-    model, layer = one_layer(dtype, conv=conv)
+def test_many_cycles_restore_bit_exactly(dtype, conv, cycles, device):
+    model, layer = one_layer(dtype, conv=conv, device=device)
     w0 = layer.weight.detach().clone()
     loracuda.merge(model)
     changed = (layer.weight != w0).float().mean().item()
@@ -49,8 +50,8 @@ def test_many_cycles_restore_bit_exactly(dtype, conv, cycles):
     loracuda.unmerge(model)
 
 
-def test_float32_restores_bit_exactly_and_plain_subtraction_would_not():
-    model, layer = one_layer(torch.float32, b_scale=0.01)
+def test_float32_restores_bit_exactly_and_plain_subtraction_would_not(device):
+    model, layer = one_layer(torch.float32, b_scale=0.01, device=device)
     w0 = layer.weight.detach().clone()
     for _ in range(20):
         loracuda.merge(model)
@@ -62,8 +63,8 @@ def test_float32_restores_bit_exactly_and_plain_subtraction_would_not():
     assert not torch.equal(layer.weight, w0)
 
 
-def test_record_is_at_most_a_quarter_and_reported():
-    model = llama(dtype=torch.bfloat16)
+def test_record_is_at_most_a_quarter_and_reported(device):
+    model = llama(dtype=torch.bfloat16, device=device)
     loracuda.inject(model, LoraConfig(r=4))
     randomize_adapters(model)
     report = loracuda.merge(model)
@@ -76,8 +77,8 @@ def test_record_is_at_most_a_quarter_and_reported():
     loracuda.unmerge(model)
 
 
-def test_merged_forward_runs_the_base_layer_only_and_matches(monkeypatch):
-    model = llama()
+def test_merged_forward_runs_the_base_layer_only_and_matches(monkeypatch, device):
+    model = llama(device=device)
     loracuda.inject(model, LoraConfig(r=4))
     randomize_adapters(model)
     tokens = ids()
@@ -95,9 +96,9 @@ def test_merged_forward_runs_the_base_layer_only_and_matches(monkeypatch):
     assert torch.equal(logits(model, tokens), unmerged)
 
 
-def test_record_too_large_raises_before_writing():
+def test_record_too_large_raises_before_writing(device):
     # A delta far larger than the weights: most elements lose their low bits, nothing restores them.
-    model, layer = one_layer(torch.float32, b_scale=50.0)
+    model, layer = one_layer(torch.float32, b_scale=50.0, device=device)
     w0 = layer.weight.detach().clone()
     with pytest.raises(ValueError, match=r"'0'.*exact=False"):
         loracuda.merge(model)
@@ -106,10 +107,10 @@ def test_record_too_large_raises_before_writing():
     assert layer.merged
 
 
-def test_a_later_layer_over_budget_rolls_back_the_earlier_layers():
+def test_a_later_layer_over_budget_rolls_back_the_earlier_layers(device):
     """The budget is enforced by the merge op itself, so earlier layers are already merged when a later
     one fails: merge must unmerge them exactly and leave every weight, and every earlier record, usable."""
-    model = llama(dtype=torch.bfloat16)
+    model = llama(dtype=torch.bfloat16, device=device)
     # Two adapters on every layer: "first" is merged earlier, and its record must still apply afterwards.
     loracuda.inject(model, LoraConfig(r=4), adapter="first")
     loracuda.inject(model, LoraConfig(r=4))
@@ -132,8 +133,8 @@ def test_a_later_layer_over_budget_rolls_back_the_earlier_layers():
         assert torch.equal(m.weight.view(torch.int16), base_weights[n].view(torch.int16)), f"layer {n} not restored"
 
 
-def test_safe_mode_raises_with_every_layer_unchanged():
-    model = llama(dtype=torch.float16)
+def test_safe_mode_raises_with_every_layer_unchanged(device):
+    model = llama(dtype=torch.float16, device=device)
     loracuda.inject(model, LoraConfig(r=4))
     randomize_adapters(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -153,8 +154,8 @@ def test_safe_mode_raises_with_every_layer_unchanged():
     assert not any(m.merged for m in model.modules() if isinstance(m, loracuda.LoRALinear))
 
 
-def test_unmerge_refuses_when_the_adapter_changed_after_merge():
-    model, layer = one_layer(torch.bfloat16)
+def test_unmerge_refuses_when_the_adapter_changed_after_merge(device):
+    model, layer = one_layer(torch.bfloat16, device=device)
     loracuda.merge(model)
     merged = layer.weight.detach().clone()
     with torch.no_grad():
@@ -169,8 +170,8 @@ def test_unmerge_refuses_when_the_adapter_changed_after_merge():
         loracuda.unmerge(model)
 
 
-def test_several_adapters_merge_and_unmerge_in_order():
-    model = gpt2()
+def test_several_adapters_merge_and_unmerge_in_order(device):
+    model = gpt2(device=device)
     loracuda.inject(model, LoraConfig(r=4, target_modules=["c_attn", "c_fc"]), adapter="a")
     loracuda.inject(model, LoraConfig(r=2, target_modules=["c_fc"]), adapter="b")
     randomize_adapters(model)
@@ -202,9 +203,9 @@ def test_several_adapters_merge_and_unmerge_in_order():
             assert torch.equal(p, w0[n]), n
 
 
-def test_merge_and_unload_gives_plain_layers_with_equal_logits():
+def test_merge_and_unload_gives_plain_layers_with_equal_logits(device):
     for builder in (llama, gpt2):
-        model = builder()
+        model = builder(device=device)
         loracuda.inject(model, LoraConfig(r=4))
         randomize_adapters(model)
         tokens = ids()
@@ -218,6 +219,7 @@ def test_merge_and_unload_gives_plain_layers_with_equal_logits():
 
 
 def loracuda_double(model):
+    """A float64 copy on the CPU (the kernels take float64 on the CPU only)."""
     import copy
 
-    return copy.deepcopy(model).double()
+    return copy.deepcopy(model).to(device="cpu", dtype=torch.float64)

@@ -1,6 +1,7 @@
 """Same adapter, same logits: loracuda against PEFT on Llama, GPT-2 and a plain MLP, in float32 and
 bfloat16, whichever side wrote the adapter file (the tolerance rule, DESIGN.md §7; the float64
-reference is PEFT's model in float64 over the same, already rounded, base weights)."""
+reference is PEFT's model in float64 over the same, already rounded, base weights, on the CPU). On every
+device: ours and PEFT's same-dtype model run on the device under test."""
 
 import copy
 
@@ -50,11 +51,11 @@ def perturb(model, seed):
             elif "lora_B" in name:
                 p.copy_(noise * 0.002)
             else:
-                p.add_((noise * 0.05).to(p.dtype))
+                p.add_((noise * 0.05).to(device=p.device, dtype=p.dtype))
 
 
-def peft_load(builder, dtype, folder, as_double=False):
-    base = builder(dtype=dtype)
+def peft_load(builder, dtype, folder, as_double=False, device="cpu"):
+    base = builder(dtype=dtype, device=device)
     if as_double:
         base = base.double()
     return peft.PeftModel.from_pretrained(base, folder).eval()
@@ -62,32 +63,32 @@ def peft_load(builder, dtype, folder, as_double=False):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_loracuda_file_into_peft(tmp_path, case, dtype):
+def test_loracuda_file_into_peft(tmp_path, case, dtype, device):
     name, kwargs = CASES[case]
     builder = BUILDERS[name]
-    model = builder(dtype=dtype)
+    model = builder(dtype=dtype, device=device)
     loracuda.inject(model, ours_config(kwargs))
     perturb(model, seed=4)
     loracuda.save_adapter(model, tmp_path)
     tokens = ids()
     ours = logits(model, tokens)
-    plain = logits(peft_load(builder, dtype, tmp_path), tokens)
+    plain = logits(peft_load(builder, dtype, tmp_path, device=device), tokens)
     reference = logits(peft_load(builder, dtype, tmp_path, as_double=True), tokens)
     assert_within_rule(ours, plain, reference)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_peft_file_into_loracuda(tmp_path, case, dtype):
+def test_peft_file_into_loracuda(tmp_path, case, dtype, device):
     name, kwargs = CASES[case]
     builder = BUILDERS[name]
-    pm = peft.get_peft_model(builder(dtype=dtype), peft.LoraConfig(**kwargs))
+    pm = peft.get_peft_model(builder(dtype=dtype, device=device), peft.LoraConfig(**kwargs))
     perturb(pm, seed=5)
     pm.save_pretrained(tmp_path)
     tokens = ids()
     plain = logits(pm.eval(), tokens)
     reference = logits(peft_load(builder, dtype, tmp_path, as_double=True), tokens)
-    model = builder(dtype=dtype)
+    model = builder(dtype=dtype, device=device)
     loracuda.load_adapter(model, tmp_path)
     ours = logits(model, tokens)
     assert_within_rule(ours, plain, reference)

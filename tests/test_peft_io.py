@@ -1,5 +1,6 @@
 """Adapter files: PEFT's naming, round trips, bad files refused with the model unchanged, failed saves
-leaving the previous adapter intact, hot swap."""
+leaving the previous adapter intact, hot swap. Saving, loading and swapping run on every device; the
+file and config refusals that no tensor reaches the model for stay on the CPU."""
 
 import json
 import os
@@ -13,8 +14,8 @@ from loracuda import LoraConfig, peft_io
 from tiny_models import gpt2, ids, llama, logits, mlp, randomize_adapters
 
 
-def saved(tmp_path, builder=llama, config=None, name="ad", seed=3):
-    model = builder()
+def saved(tmp_path, builder=llama, config=None, name="ad", seed=3, device="cpu"):
+    model = builder(device=device)
     loracuda.inject(model, config or LoraConfig(r=4, alpha=8))
     randomize_adapters(model, seed=seed)
     folder = tmp_path / name
@@ -35,8 +36,9 @@ def assert_unchanged(model, snap):
         assert torch.equal(now[k], state[k]), k
 
 
-def test_file_layout_matches_peft(tmp_path):
-    model, folder = saved(tmp_path, gpt2, LoraConfig(r=4, target_modules=["c_proj"], bias="lora_only", modules_to_save=["ln_f"]))
+def test_file_layout_matches_peft(tmp_path, device):
+    model, folder = saved(tmp_path, gpt2, LoraConfig(r=4, target_modules=["c_proj"], bias="lora_only", modules_to_save=["ln_f"]),
+                          device=device)
     assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors"]
     with safetensors.safe_open(folder / "adapter_model.safetensors", "pt") as f:
         assert f.metadata() == {"format": "pt"}
@@ -52,30 +54,31 @@ def test_file_layout_matches_peft(tmp_path):
     assert len(keys) == 4 * 3 + 2
 
 
-def test_round_trip_and_unknown_config_keys(tmp_path):
-    model, folder = saved(tmp_path)
+def test_round_trip_and_unknown_config_keys(tmp_path, device):
+    model, folder = saved(tmp_path, device=device)
     config = json.loads((folder / "adapter_config.json").read_text())
     config["a_key_from_elsewhere"] = [1, "x"]
     (folder / "adapter_config.json").write_text(json.dumps(config))
-    fresh = llama()
+    fresh = llama(device=device)
     loracuda.load_adapter(fresh, folder)
     tokens = ids()
     assert torch.equal(logits(fresh, tokens), logits(model, tokens))
     loracuda.save_adapter(fresh, tmp_path / "again")
     assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["a_key_from_elsewhere"] == [1, "x"]
     # Loading into an existing adapter replaces its values.
-    other, folder2 = saved(tmp_path, seed=9, name="other")
+    other, folder2 = saved(tmp_path, seed=9, name="other", device=device)
     loracuda.load_adapter(fresh, folder2)
     assert torch.equal(logits(fresh, tokens), logits(other, tokens))
 
 
-def test_file_without_prefix_and_partial_coverage(tmp_path):
-    model, folder = saved(tmp_path, llama, LoraConfig(r=3, target_modules=["v_proj", "down_proj"], layers_to_transform=[1]))
+def test_file_without_prefix_and_partial_coverage(tmp_path, device):
+    model, folder = saved(tmp_path, llama, LoraConfig(r=3, target_modules=["v_proj", "down_proj"], layers_to_transform=[1]),
+                          device=device)
     file = folder / "adapter_model.safetensors"
     tensors = safetensors.torch.load_file(file)
     assert len(tensors) == 4  # only layer 1 is covered
     safetensors.torch.save_file({k.removeprefix("base_model.model."): v for k, v in tensors.items()}, file, {"format": "pt"})
-    fresh = llama()
+    fresh = llama(device=device)
     loracuda.load_adapter(fresh, folder)
     tokens = ids()
     assert torch.equal(logits(fresh, tokens), logits(model, tokens))
@@ -103,10 +106,10 @@ KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     ],
 )
 @pytest.mark.parametrize("into_existing", [False, True])
-def test_bad_tensors_are_refused_with_the_model_unchanged(tmp_path, change, message, into_existing):
+def test_bad_tensors_are_refused_with_the_model_unchanged(tmp_path, change, message, into_existing, device):
     _, folder = saved(tmp_path)
     rewrite(folder, change)
-    target = llama(seed=5)
+    target = llama(seed=5, device=device)
     if into_existing:
         loracuda.inject(target, LoraConfig(r=4, alpha=8))
     snap = snapshot(target)
@@ -116,7 +119,7 @@ def test_bad_tensors_are_refused_with_the_model_unchanged(tmp_path, change, mess
 
 
 @pytest.mark.parametrize("patch, key", [({"use_dora": True}, "use_dora"), ({"peft_type": "LOHA"}, "peft_type")])
-def test_bad_config_is_refused(tmp_path, patch, key):
+def test_bad_config_is_refused(tmp_path, patch, key):  # CPU only: refused before any tensor is read
     _, folder = saved(tmp_path)
     config = json.loads((folder / "adapter_config.json").read_text())
     config.update(patch)
@@ -128,7 +131,7 @@ def test_bad_config_is_refused(tmp_path, patch, key):
     assert_unchanged(target, snap)
 
 
-def test_pickle_and_truncated_files_are_refused(tmp_path):
+def test_pickle_and_truncated_files_are_refused(tmp_path):  # CPU only: refused before any tensor is read
     model, folder = saved(tmp_path)
     target = llama()
     snap = snapshot(target)
@@ -150,8 +153,8 @@ def test_pickle_and_truncated_files_are_refused(tmp_path):
     assert_unchanged(target, snap)
 
 
-def test_failed_save_leaves_the_previous_adapter_intact(tmp_path, monkeypatch):
-    model, folder = saved(tmp_path)
+def test_failed_save_leaves_the_previous_adapter_intact(tmp_path, monkeypatch, device):
+    model, folder = saved(tmp_path, device=device)
     before = {n: (folder / n).read_bytes() for n in os.listdir(folder)}
     randomize_adapters(model, seed=11)  # different values to save
 
@@ -176,7 +179,7 @@ def test_failed_save_leaves_the_previous_adapter_intact(tmp_path, monkeypatch):
         loracuda.save_adapter(model, folder)
     monkeypatch.undo()
     assert {n: (folder / n).read_bytes() for n in os.listdir(folder)} == before
-    fresh = llama()
+    fresh = llama(device=device)
     loracuda.load_adapter(fresh, folder)  # still loadable
     if os.geteuid() != 0:  # root ignores permissions
         os.chmod(folder, 0o500)
@@ -188,18 +191,18 @@ def test_failed_save_leaves_the_previous_adapter_intact(tmp_path, monkeypatch):
         assert {n: (folder / n).read_bytes() for n in os.listdir(folder)} == before
 
 
-def test_save_unknown_adapter_raises(tmp_path):
+def test_save_unknown_adapter_raises(tmp_path):  # CPU only: a name check
     model = mlp()
     loracuda.inject(model, LoraConfig(r=2))
     with pytest.raises(ValueError, match="no adapter named 'x'"):
         loracuda.save_adapter(model, tmp_path / "x", adapter="x")
 
 
-def test_hot_swap_in_place_with_smaller_rank(tmp_path):
-    target = llama()
+def test_hot_swap_in_place_with_smaller_rank(tmp_path, device):
+    target = llama(device=device)
     loracuda.inject(target, LoraConfig(r=8, alpha=16))
     randomize_adapters(target, seed=1)
-    ref, folder = saved(tmp_path, llama, LoraConfig(r=4, alpha=4))  # smaller rank, other scale
+    ref, folder = saved(tmp_path, llama, LoraConfig(r=4, alpha=4), device=device)  # smaller rank, other scale
     params = {n: p for n, p in target.named_parameters()}
     loracuda.hot_swap(target, folder)
     after = dict(target.named_parameters())
@@ -212,17 +215,18 @@ def test_hot_swap_in_place_with_smaller_rank(tmp_path):
     # Merged: swapped in place and merged again.
     loracuda.merge(target)
     _, folder2 = saved(tmp_path, llama, LoraConfig(r=8, alpha=16), name="second", seed=21)
-    ref2 = llama()
+    ref2 = llama(device=device)
     loracuda.load_adapter(ref2, folder2)
     loracuda.hot_swap(target, folder2)
     assert q.merged
     torch.testing.assert_close(logits(target, tokens), logits(ref2, tokens), rtol=1e-4, atol=1e-5)
     loracuda.unmerge(target)
-    assert torch.equal(target.model.layers[0].self_attn.q_proj.base_layer.weight, llama().model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(target.model.layers[0].self_attn.q_proj.base_layer.weight,
+                       llama(device=device).model.layers[0].self_attn.q_proj.weight)
 
 
-def test_hot_swap_refuses_other_targets_and_larger_rank(tmp_path):
-    target = llama()
+def test_hot_swap_refuses_other_targets_and_larger_rank(tmp_path, device):
+    target = llama(device=device)
     loracuda.inject(target, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     snap = snapshot(target)
     _, other = saved(tmp_path, llama, LoraConfig(r=2, target_modules=["q_proj", "k_proj"]))
@@ -236,13 +240,13 @@ def test_hot_swap_refuses_other_targets_and_larger_rank(tmp_path):
     assert_unchanged(target, snap)
 
 
-def test_hot_swap_keeps_a_compiled_graph(tmp_path):
+def test_hot_swap_keeps_a_compiled_graph(tmp_path, device):
     import torch._dynamo
 
-    target = mlp()
+    target = mlp(device=device)
     loracuda.inject(target, LoraConfig(r=4, alpha=8))
     randomize_adapters(target)
-    ref, folder = saved(tmp_path, mlp, LoraConfig(r=4, alpha=4))
+    ref, folder = saved(tmp_path, mlp, LoraConfig(r=4, alpha=4), device=device)
     torch._dynamo.reset()
     frames = []
 
@@ -251,7 +255,7 @@ def test_hot_swap_keeps_a_compiled_graph(tmp_path):
         return gm.forward
 
     compiled = torch.compile(target, backend=backend, fullgraph=True)
-    tokens = ids()
+    tokens = ids(device=device)
     with torch.no_grad():
         compiled(tokens)
         loracuda.hot_swap(target, folder)

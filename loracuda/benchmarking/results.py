@@ -58,7 +58,8 @@ def device_info(device: torch.device) -> dict:
 
 
 def git_commit() -> tuple[Optional[str], Optional[bool]]:
-    """(commit, dirty) of the repository this package lives in, or (None, None) outside one."""
+    """(commit, dirty) of the repository this package lives in; outside one (a copy of the tree without
+    .git, as sent to a GPU machine), (the LORACUDA_COMMIT environment variable or None, None)."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         commit = subprocess.run(
@@ -69,7 +70,7 @@ def git_commit() -> tuple[Optional[str], Optional[bool]]:
             cwd=root, capture_output=True, text=True, timeout=10, check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
-        return None, None
+        return os.environ.get("LORACUDA_COMMIT") or None, None
     return commit or None, bool(status.strip())
 
 

@@ -14,9 +14,11 @@ forward(x [..., K]) = base_layer(x), then, inside AdapterPool.batch only, for ev
 adapter id l >= 0: y += scales[l] * lora_b_all[l] @ (lora_a_all[l] @ x), by one multi_shrink and one
 multi_expand_add_ over the whole batch (no loop over adapters). Tokens with id -1 keep the base
 output bit for bit. The ids are read from the pool's BatchState, a tensor that a compiled graph takes
-as an input, so new ids (same shape) or a newly loaded slot do not recompile.
+as an input, so new ids (same shape) or a newly loaded slot do not recompile. BatchState is
+thread-local: each thread's forwards read the ids of the batch that thread opened.
 """
 
+import threading
 from typing import Optional
 
 import torch
@@ -27,8 +29,10 @@ from ..config import linear_layout
 from ..layers import BaseLayerView
 
 
-class BatchState:
-    """The ids of the batch being served, shared by every PooledLinear of one pool.
+class BatchState(threading.local):
+    """The ids of the batch being served, shared by every PooledLinear of one pool, one value per
+    thread: a batch opened in one thread is invisible to forwards in any other thread (which serve
+    their own batch, or the base model outside one).
 
     ids: None outside a batch; else int32 on the layers' device, [B] (one id per sequence: x [B, ..., K])
     or [B, T] (one id per token: x [B, T, K], or [B * T, K])."""

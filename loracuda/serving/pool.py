@@ -20,9 +20,14 @@ loaded slot) on entry, on the host: CPU ids as they are (then copied to a CUDA m
 blocking), a CUDA ids tensor after one copy to the host, the one device synchronisation of a batch,
 made at entry, outside the model's (possibly compiled) forward. The ids are converted to
 int32 on the model's device and read by every pooled layer from one shared tensor, which a compiled
-graph takes as an input: new ids of the same shape do not recompile. Batches do not nest, one pool
-serves one batch at a time, and slots cannot be loaded or unloaded while a batch is open (each is a
-clear error). Outside a batch the model is the base model.
+graph takes as an input: new ids of the same shape do not recompile. Outside a batch the model is the
+base model.
+
+Threads: the open batch's ids are per thread (BatchState is thread-local), so several threads may
+each open a batch of one pool and run forwards at once, each seeing its own ids, and a forward in a
+thread without a batch is the base model. Batches do not nest within a thread (a clear error).
+load / unload wait until no batch is open in any thread, run one at a time, and hold off new batches
+while they wait; calling them inside a batch of the same thread is a clear error.
 """
 
 import contextlib
@@ -35,8 +40,51 @@ from torch import Tensor, nn
 
 from ..config import LoraConfig
 from ..layers import LoRALinear
-from ..peft_io import check_tensors, read_adapter
+from ..peft_io import check_adapter, read_adapter
 from .layer import BatchState, PooledLinear
+
+
+# Adapter ids are int32 in the kernels.
+_MAX_IDS = 2**31 - 1
+
+
+def _buffer_bytes(model: nn.Module, paths: list[str], max_adapters: int, max_rank: int) -> int:
+    """Bytes of the PooledLinear buffers of ``paths`` (see serving/layer.py)."""
+    from ..config import linear_layout
+
+    total = 0
+    for path in paths:
+        base = model.get_submodule(path)
+        _, k, n = linear_layout(base, "AdapterPool")
+        dtype = base.weight.dtype
+        elem = 4 if dtype in (torch.bfloat16, torch.float16) else torch.empty((), dtype=dtype).element_size()
+        total += max_adapters * max_rank * (k + n) * elem + max_adapters * 8  # factors, scales + ranks
+    return total
+
+
+def _device_bytes(device: torch.device) -> Optional[int]:
+    """Total memory of ``device`` (physical memory for the CPU), None where unknown."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, RuntimeError, AttributeError):
+        return None
+    return None
+
+
+def _check_buffer_bytes(model: nn.Module, paths: list[str], max_adapters: int, max_rank: int) -> None:
+    """ValueError, before anything is allocated, when the pool's buffers exceed the device's memory."""
+    need = _buffer_bytes(model, paths, max_adapters, max_rank)
+    device = model.get_submodule(paths[0]).weight.device
+    have = _device_bytes(device)
+    if have is not None and need > have:
+        raise ValueError(
+            f"loracuda.AdapterPool: max_adapters = {max_adapters} and max_rank = {max_rank} need {need} bytes "
+            f"({need / 2**30:.1f} GiB) of buffers for {len(paths)} layers, more than the {have} bytes of {device}; "
+            "lower max_adapters or max_rank. The model is unchanged."
+        )
 
 
 def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -109,15 +157,33 @@ class AdapterPool:
         paths = LoraConfig(target_modules=target_modules).target_paths(model)
         if not paths:
             raise ValueError(f"loracuda.AdapterPool: no module of the model matched target_modules={target_modules!r}")
+        _check_buffer_bytes(model, paths, max_adapters, max_rank)
+        if max_adapters > _MAX_IDS:
+            raise ValueError(
+                f"loracuda.AdapterPool: argument 'max_adapters' is {max_adapters}; adapter ids are int32, so at most {_MAX_IDS}"
+            )
+
         self.model = model
         self.max_adapters = max_adapters
         self.max_rank = max_rank
-        self._state = BatchState()
-        self._lock = threading.Lock()
-        self._open = False
+        self._state = BatchState()  # thread-local: each thread's open batch
+        # Batches (any number, in different threads) and slot writes (load / unload, one at a time)
+        # exclude each other: a write waits for open batches to close, and new batches wait while a
+        # write waits or runs (so writes are not starved).
+        self._cond = threading.Condition()
+        self._open_batches = 0
+        self._writers_waiting = 0
+        self._writing = False
         # slot -> where its adapter came from (None: free).
         self._sources: list[Optional[str]] = [None] * max_adapters
-        layers = {path: PooledLinear(model.get_submodule(path), max_adapters, max_rank, self._state) for path in paths}
+        try:
+            layers = {path: PooledLinear(model.get_submodule(path), max_adapters, max_rank, self._state) for path in paths}
+        except (MemoryError, torch.OutOfMemoryError) as error:
+            need = _buffer_bytes(model, paths, max_adapters, max_rank)
+            raise MemoryError(
+                f"loracuda.AdapterPool: the pool's buffers (max_adapters = {max_adapters}, max_rank = {max_rank}) need "
+                f"{need} bytes ({need / 2**30:.2f} GiB), which could not be allocated ({error}); the model is unchanged"
+            ) from None
         for path, layer in layers.items():
             _set_module(model, path, layer)
         self._layers: dict[str, PooledLinear] = layers
@@ -136,10 +202,31 @@ class AdapterPool:
         return {i: s for i, s in enumerate(self._sources) if s is not None}
 
     def _check_no_batch(self, what: str) -> None:
-        if self._open:
+        if self._state.ids is not None:
             raise RuntimeError(
-                f"loracuda.AdapterPool.{what}: a batch is open (inside pool.batch); load and unload slots between batches"
+                f"loracuda.AdapterPool.{what}: a batch is open in this thread (inside pool.batch); load and unload "
+                "slots between batches"
             )
+
+    @contextlib.contextmanager
+    def _slot_write(self, what: str) -> Iterator[None]:
+        """Exclusive access to the slots: waits until no batch is open in any thread (a batch open in
+        the calling thread is an error: it would wait for itself)."""
+        self._check_no_batch(what)
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                while self._writing or self._open_batches:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
 
     def _check_slot(self, what: str, slot) -> int:
         if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.max_adapters:
@@ -155,25 +242,27 @@ class AdapterPool:
         Raises, changing nothing, for a pool that is full, a bad file, keys or shapes that do not fit
         the pooled layers, a rank above max_rank, or an adapter option the pool cannot serve."""
         self._check_no_batch("load")
-        if slot is None:
-            free = [i for i, s in enumerate(self._sources) if s is None]
-            if not free:
-                raise RuntimeError(
-                    f"loracuda.AdapterPool.load: the pool is full (all max_adapters = {self.max_adapters} slots are "
-                    "loaded); unload a slot, or pass slot= to reload one in place"
-                )
-            slot = free[0]
-        slot = self._check_slot("load", slot)
+        if slot is not None:
+            slot = self._check_slot("load", slot)
         file, config, tensors = read_adapter(path)
         plan = self._plan(file, config, tensors)
-        # Everything is checked: write. Layers the adapter does not target hold rank 0 for the slot.
-        for layer_path, layer in self._layers.items():
-            if layer_path in plan:
-                a, b, scale = plan[layer_path]
-                layer.write_slot(slot, a, b, scale)
-            else:
-                layer.clear_slot(slot)
-        self._sources[slot] = os.fspath(path)
+        with self._slot_write("load"):
+            if slot is None:
+                free = [i for i, s in enumerate(self._sources) if s is None]
+                if not free:
+                    raise RuntimeError(
+                        f"loracuda.AdapterPool.load: the pool is full (all max_adapters = {self.max_adapters} slots are "
+                        "loaded); unload a slot, or pass slot= to reload one in place"
+                    )
+                slot = free[0]
+            # Everything is checked: write. Layers the adapter does not target hold rank 0 for the slot.
+            for layer_path, layer in self._layers.items():
+                if layer_path in plan:
+                    a, b, scale = plan[layer_path]
+                    layer.write_slot(slot, a, b, scale)
+                else:
+                    layer.clear_slot(slot)
+            self._sources[slot] = os.fspath(path)
         return slot
 
     def _plan(self, file: str, config: LoraConfig, tensors: dict) -> dict[str, tuple[Tensor, Tensor, float]]:
@@ -214,11 +303,8 @@ class AdapterPool:
                 )
             expected[f"{p}.lora_A.weight"] = ("A", p, (r, layer.in_features))
             expected[f"{p}.lora_B.weight"] = ("B", p, (layer.out_features, r))
-        check_tensors(file, tensors, expected, pad_rank=False)
-        # Any non-finite factor would poison every token of its slot: refuse it here, before writing.
-        for key in expected:
-            if not torch.isfinite(tensors[key]).all():
-                raise ValueError(f"{where}: key {key!r} holds NaN or infinite values. The pool is unchanged.")
+        # Keys, shapes, finite factors and scales: the one check every loading path runs.
+        check_adapter(file, config, tensors, expected, pad_rank=False)
         return {
             p: (tensors[f"{p}.lora_A.weight"], tensors[f"{p}.lora_B.weight"], config.scale_for(p)) for p in targets
         }
@@ -227,11 +313,12 @@ class AdapterPool:
         """Frees ``slot`` (every layer's rank for it becomes 0 and its factors zero)."""
         self._check_no_batch("unload")
         slot = self._check_slot("unload", slot)
-        if self._sources[slot] is None:
-            raise ValueError(f"loracuda.AdapterPool.unload: slot {slot} is not loaded (loaded: {sorted(self.slots)})")
-        for layer in self._layers.values():
-            layer.clear_slot(slot)
-        self._sources[slot] = None
+        with self._slot_write("unload"):
+            if self._sources[slot] is None:
+                raise ValueError(f"loracuda.AdapterPool.unload: slot {slot} is not loaded (loaded: {sorted(self.slots)})")
+            for layer in self._layers.values():
+                layer.clear_slot(slot)
+            self._sources[slot] = None
 
     # ---- batches --------------------------------------------------------------------------------
 
@@ -274,20 +361,24 @@ class AdapterPool:
         """Within the block, the model serves sequence b (or token [b, t]) with slot adapter_ids[b]
         (adapter_ids[b, t]); -1 gives the base model. adapter_ids: an integer tensor [batch] or
         [batch, seq], on any device (see the module docstring for its one validation sync)."""
-        with self._lock:
-            if self._open:
-                raise RuntimeError(
-                    "loracuda.AdapterPool.batch: a batch is already open; batches do not nest, and one pool serves "
-                    "one batch at a time"
-                )
-            ids = self._validated(adapter_ids)
-            self._open = True
-            self._state.ids = ids
+        if self._state.ids is not None:
+            raise RuntimeError(
+                "loracuda.AdapterPool.batch: a batch is already open in this thread; batches do not nest (other "
+                "threads may each open their own)"
+            )
+        with self._cond:
+            while self._writing or self._writers_waiting:
+                self._cond.wait()
+            ids = self._validated(adapter_ids)  # against the slots as they are while this batch is open
+            self._open_batches += 1
+        self._state.ids = ids
         try:
             yield self
         finally:
             self._state.ids = None
-            self._open = False
+            with self._cond:
+                self._open_batches -= 1
+                self._cond.notify_all()
 
     def __repr__(self) -> str:
         return (
