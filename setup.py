@@ -142,7 +142,9 @@ def extension_modules():
 
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
     generated = write_build_config(with_cuda, archs)
-    sources = ["csrc/ops.cpp", "csrc/lora_linear.cpp", "csrc/lora_linear_autograd.cpp", "csrc/version_counter.cpp", "csrc/inplace_autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp", "csrc/lora_linear.cpp", "csrc/lora_linear_autograd.cpp", "csrc/version_counter.cpp",
+               "csrc/inplace_autograd.cpp", "csrc/grouped_lora_linear.cpp", "csrc/grouped_lora_linear_autograd.cpp"]
+    sources += sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc"), generated]
     # -fopenmp: at::parallel_for is a header-inline `#pragma omp parallel` (torch's OpenMP backend), so
     # without it the CPU kernels run on one thread. The runtime is the libgomp torch already loads.

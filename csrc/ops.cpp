@@ -55,6 +55,36 @@ TORCH_LIBRARY(loracuda, m) {
   m.def(
       "multi_expand_add_(Tensor(a!) y, Tensor h, Tensor lora_b_all, Tensor scales, Tensor ranks, "
       "Tensor adapter_ids, int[] slice_offsets) -> ()");
+  // ---- grouped LoRA: one group (mixture-of-experts expert, or adapter) per row ----
+  // group_ids int64 [M] in [-1, G) (-1: the row takes no part; its h row is 0, its y row untouched by
+  // grouped_expand_add_ and 0 in grouped_lora_linear); rows in any order, groups of any size, empty
+  // groups allowed. lora_a [G, r, K], lora_b [G, N, r], weight [G, N, K], each any strided view (PEFT's
+  // target_parameters layout: lora_a = A_flat.view(G, r, K), lora_b = B_flat.view(N, r, G).permute(2, 0, 1)).
+  // Ids outside [-1, G) raise on the CPU; the CUDA kernels (no host sync) treat them as -1.
+  // h [M, r] float32 (float64 for float64 x): h[m] = lora_a[g_m] @ (mask * x[m] / (1 - p)), mask index m*K + k.
+  m.def("grouped_shrink(Tensor x, Tensor lora_a, Tensor group_ids, float dropout_p, Tensor? seed) -> Tensor");
+  // y[m] += scale * lora_b[g_m] @ h[m] for every row with g_m >= 0, in place.
+  m.def("grouped_expand_add_(Tensor(a!) y, Tensor h, Tensor lora_b, Tensor group_ids, float scale) -> ()");
+  // Per group g over its rows: g_rows = scale * grad_y @ lora_b[g]; grad_b[g] = scale * grad_y^T @ h;
+  // grad_a[g] = g_rows^T @ (mask * x / q); grad_x += mask * (g_rows @ lora_a[g]) / q in place when given.
+  // Returns (grad_a [G, r, K] in lora_a's dtype, grad_b [G, N, r] in lora_b's dtype), both contiguous;
+  // a group without rows gets exact zeros. Deterministic: no float atomics, independent of thread count.
+  m.def(
+      "grouped_backward(Tensor grad_y, Tensor x, Tensor h, Tensor lora_a, Tensor lora_b, Tensor group_ids, "
+      "float scale, float dropout_p, Tensor? seed, Tensor(a!)? grad_x) -> (Tensor, Tensor)");
+  // The base grouped GEMM: out[m] = weight[g_m] @ x[m] (weight [G, N, K], x [M, K], out [M, N]), or with
+  // transpose_weight out[m] = weight[g_m]^T @ x[m] (x [M, N], out [M, K]: the input gradient). Rows with
+  // id -1 give 0. Same dtype for x and weight.
+  m.def("grouped_mm(Tensor x, Tensor weight, Tensor group_ids, bool transpose_weight) -> Tensor");
+  // The base grouped GEMM's weight gradient: out[g] = sum over rows of g of grad_y[m]^T x[m], [G, N, K]
+  // in x's dtype (zeros for a group without rows); deterministic.
+  m.def("grouped_weight_grad(Tensor grad_y, Tensor x, Tensor group_ids, int num_groups) -> Tensor");
+  // Mixture-of-experts LoRA layer: y[m] = weight[g_m] @ x[m] + scale * lora_b[g_m] @ h[m], 0 for id -1.
+  // Returns (y [M, N] in x's dtype, h [M, r]); h is what the backward needs. Differentiable (C++
+  // autograd kernel, csrc/grouped_lora_linear_autograd.cpp) in x, weight, lora_a, lora_b.
+  m.def(
+      "grouped_lora_linear(Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor group_ids, float scale, "
+      "float dropout_p, Tensor? seed) -> (Tensor, Tensor)");
   // The LoRA linear layer's forward: y = x @ weight^T + bias + scale * shrink(x) @ lora_b^T.
   // Returns (y, h); h is what backward needs. Composite of the ops above (csrc/lora_linear.cpp).
   m.def(

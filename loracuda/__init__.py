@@ -22,7 +22,7 @@ Thread safety (the contract; docs/design.md, section 'Thread safety'):
 
 from . import ops
 from .buildinfo import build_info
-from .functional import lora_linear
+from .functional import grouped_lora_linear, lora_linear
 from .version import __version__
 from .config import LoraConfig
 from .layers import LoRALinear
@@ -32,7 +32,7 @@ from .peft_io import hot_swap, load_adapter, save_adapter
 from .serving import AdapterPool
 from .integrations import apply_to_peft, remove_from_peft, to_peft
 
-__all__ = ["__version__", "build_info", "lora_linear", "ops"]
+__all__ = ["__version__", "build_info", "grouped_lora_linear", "lora_linear", "ops"]
 __all__ += [
     "AdapterPool",
     "apply_to_peft",

@@ -7,8 +7,24 @@ from .version import __version__
 
 # Every op of csrc/ops.cpp (tests/test_cuda_build.py checks each has a CUDA kernel; tests/test_buildinfo.py
 # checks this list against the registered schemas).
-_OPS = ("shrink", "expand_add_", "merge_", "restore_codes", "unmerge_exact_", "merge_exact_", "backward", "lora_linear",
-        "multi_shrink", "multi_expand_add_")
+_OPS = (
+    "shrink",
+    "expand_add_",
+    "merge_",
+    "restore_codes",
+    "unmerge_exact_",
+    "merge_exact_",
+    "backward",
+    "lora_linear",
+    "multi_shrink",
+    "multi_expand_add_",
+    "grouped_shrink",
+    "grouped_expand_add_",
+    "grouped_backward",
+    "grouped_mm",
+    "grouped_weight_grad",
+    "grouped_lora_linear",
+)
 
 
 def op_names() -> tuple[str, ...]:

@@ -104,3 +104,42 @@ def _call(x, weight, bias, lora_a, lora_b, scale, p, seed_t, slice_offsets) -> T
     x2 = x if x.dim() == 2 else x.reshape(-1, k)
     y, _ = torch.ops.loracuda.lora_linear(x2, weight, bias, lora_a, lora_b, float(scale), p, seed_t, list(slice_offsets))
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def grouped_lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    group_ids: Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    seed: Union[None, int, Tensor] = None,
+) -> Tensor:
+    """A mixture-of-experts linear layer with LoRA on every expert, over the routed rows:
+    y[m] = weight[g_m] @ x[m] + scale * lora_b[g_m] @ lora_a[g_m] @ dropout(x[m]), 0 where g_m = -1.
+
+    x [M, K] (the routed rows) in float32 / bfloat16 / float16 (float64 on the CPU); weight [G, N, K] in
+    x's dtype (transformers' fused experts: gate_up_proj [E, 2I, H], down_proj [E, H, I]), its gradient
+    computed only if it requires one; lora_a [G, r, K] and lora_b [G, N, r] in x's dtype or float32, any
+    strided views (PEFT's target_parameters factors: see loracuda.ops.grouped_factor_views); group_ids
+    int64 [M] in [-1, G), rows in any order. Dropout (``training`` and ``dropout_p > 0``) applies to the
+    adapter's input only; ``seed`` fixes its mask, else a fresh seed is drawn as in :func:`lora_linear`.
+    Returns y [M, N] in x's dtype; differentiable in x, weight, lora_a and lora_b. Under autocast x and
+    weight take the autocast dtype, the factors keep theirs (as in :func:`lora_linear`).
+    """
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"loracuda.grouped_lora_linear: argument 'dropout_p' must be in [0, 1), got {dropout_p}")
+    p = float(dropout_p) if training else 0.0
+    seed_t = None
+    if p > 0.0:
+        seed_t = new_seed(x.device) if seed is None else ops.seed_tensor(seed, x.device)
+    device_type = x.device.type
+    if _autocast_enabled(device_type):
+        x, weight, _ = autocast_inputs(x, weight, None)
+        with torch.autocast(device_type, enabled=False):
+            y, _ = torch.ops.loracuda.grouped_lora_linear(x, weight, lora_a, lora_b, group_ids, float(scale), p, seed_t)
+            return y
+    y, _ = torch.ops.loracuda.grouped_lora_linear(x, weight, lora_a, lora_b, group_ids, float(scale), p, seed_t)
+    return y

@@ -282,3 +282,173 @@ def _multi_expand_add_fake(y, h, lora_b_all, scales, ranks, adapter_ids, slice_o
     )
     fake_checks.multi_expand_add(y, h, lora_b_all, scales, ranks, adapter_ids, slice_offsets)
     return None
+
+
+# ---- grouped LoRA (mixture-of-experts experts, or one adapter per group of rows) ------------------
+# G groups; group_ids int64 [M] in [-1, G) (-1: the row takes no part), rows in any order, groups of
+# any size (empty ones too); lora_a [G, r, K], lora_b [G, N, r], weight [G, N, K], each any strided view.
+# PEFT's target_parameters factors are views of this layout: lora_a = A_flat.view(G, r, K) and
+# lora_b = B_flat.view(N, r, G).permute(2, 0, 1) (see grouped_factor_views). Ids outside [-1, G) raise
+# on the CPU; the CUDA kernels (no host synchronisation) treat them as -1.
+
+
+def grouped_factor_views(lora_a_flat: Tensor, lora_b_flat: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
+    """PEFT's target_parameters factors A_flat [r*G, K] (expert-major rows: A_e[j] = A_flat[e*r + j]) and
+    B_flat [N, r*G] (rank-major columns: B_e[n, j] = B_flat[n, j*G + e]) as the grouped ops' lora_a
+    [G, r, K] and lora_b [G, N, r]: views, no copy."""
+    g = int(num_groups)
+    rg, k = lora_a_flat.shape
+    n = lora_b_flat.shape[0]
+    r = rg // g
+    return lora_a_flat.view(g, r, k), lora_b_flat.view(n, r, g).permute(2, 0, 1)
+
+
+def grouped_shrink(x: Tensor, lora_a: Tensor, group_ids: Tensor, dropout_p: float = 0.0, seed: Seed = None) -> Tensor:
+    """h [M, r] float32 (float64 for float64 x): h[m] = lora_a[g_m] @ (mask * x[m] / (1 - p)); 0 where
+    g_m = -1. x [M, K]; lora_a [G, r, K] in x's dtype or float32; mask element index m * K + k."""
+    return _ops.grouped_shrink(x, lora_a, group_ids, float(dropout_p), seed_tensor(seed))
+
+
+def grouped_expand_add_(y: Tensor, h: Tensor, lora_b: Tensor, group_ids: Tensor, scale: float) -> None:
+    """In place: y[m] += scale * lora_b[g_m] @ h[m] for every row with g_m >= 0 (other rows untouched).
+    y [M, N] with unit column stride; h [M, r] float32 (float64 for float64 y); lora_b [G, N, r]."""
+    _ops.grouped_expand_add_(y, h, lora_b, group_ids, float(scale))
+
+
+def grouped_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    h: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    group_ids: Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed: Seed = None,
+    grad_x: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """The grouped LoRA backward. Per group g over its rows: g_rows = scale * grad_y @ lora_b[g],
+    grad_a[g] = g_rows^T @ dropped(x), grad_b[g] = scale * grad_y^T @ h; when ``grad_x`` [M, K] is given,
+    dropped(g_rows @ lora_a[g]) is added into it in place. Returns (grad_a [G, r, K], grad_b [G, N, r]),
+    contiguous, in the dtypes of lora_a and lora_b; a group without rows gets exact zeros."""
+    return _ops.grouped_backward(
+        grad_y, x, h, lora_a, lora_b, group_ids, float(scale), float(dropout_p), seed_tensor(seed), grad_x
+    )
+
+
+def grouped_mm(x: Tensor, weight: Tensor, group_ids: Tensor, transpose_weight: bool = False) -> Tensor:
+    """The base grouped GEMM: out[m] = weight[g_m] @ x[m] (x [M, K], weight [G, N, K], out [M, N]); with
+    ``transpose_weight`` out[m] = weight[g_m]^T @ x[m] (x [M, N], out [M, K]). Rows with id -1 give 0."""
+    return _ops.grouped_mm(x, weight, group_ids, bool(transpose_weight))
+
+
+def grouped_weight_grad(grad_y: Tensor, x: Tensor, group_ids: Tensor, num_groups: int) -> Tensor:
+    """out[g] = sum over the rows of group g of grad_y[m]^T x[m]: [G, N, K] in x's dtype (zeros for a
+    group without rows)."""
+    return _ops.grouped_weight_grad(grad_y, x, group_ids, int(num_groups))
+
+
+def _check_value(cond, op: str, arg: str, message) -> None:
+    torch._check_value(cond, lambda: f"loracuda.{op}: argument '{arg}' {message()}")
+
+
+def _check_type(cond, op: str, arg: str, message) -> None:
+    torch._check_type(cond, lambda: f"loracuda.{op}: argument '{arg}' {message()}")
+
+
+def _check_ids(op: str, ids: Tensor, m, ref: Tensor, ref_arg: str) -> None:
+    _check_value(ids.dim() == 1, op, "group_ids", lambda: f"must be 1-D [M], got shape {tuple(ids.shape)}")
+    _check_type(ids.dtype == torch.int64, op, "group_ids", lambda: f"must be int64, got {ids.dtype}")
+    _check_value(ids.shape[0] == m, op, "group_ids",
+                 lambda: f"must have M = {m} entries (one per row of '{ref_arg}'), got shape {tuple(ids.shape)}")
+    _check_same_device(op, ref_arg, ref, group_ids=ids)
+
+
+def _check_grouped_a(op: str, a: Tensor, k) -> None:
+    _check_value(a.dim() == 3, op, "lora_a", lambda: f"must be 3-D [G, r, K], got shape {tuple(a.shape)}")
+    _check_value(a.shape[0] >= 1 and a.shape[1] >= 1 and a.shape[2] == k, op, "lora_a",
+                 lambda: f"must be [G, r, K] with G >= 1, r >= 1 and K = {k}, got shape {tuple(a.shape)}")
+
+
+def _check_grouped_b(op: str, b: Tensor, n, groups=None, rank=None) -> None:
+    _check_value(b.dim() == 3, op, "lora_b", lambda: f"must be 3-D [G, N, r], got shape {tuple(b.shape)}")
+    _check_value(b.shape[0] >= 1 and b.shape[1] == n and b.shape[2] >= 1, op, "lora_b",
+                 lambda: f"must be [G, N, r] with G >= 1, r >= 1 and N = {n}, got shape {tuple(b.shape)}")
+    if groups is not None:
+        _check_value(b.shape[0] == groups and b.shape[2] == rank, op, "lora_b",
+                     lambda: f"must be [G, N, r] = [{groups}, {n}, {rank}] (G and r from 'lora_a'), "
+                     f"got shape {tuple(b.shape)}")
+
+
+@torch.library.register_fake("loracuda::grouped_shrink")
+def _grouped_shrink_fake(x, lora_a, group_ids, dropout_p, seed):
+    op = "grouped_shrink"
+    _check_same_device(op, "x", x, lora_a=lora_a)
+    _check_value(x.dim() == 2, op, "x", lambda: f"must be 2-D [M, K], got shape {tuple(x.shape)}")
+    _check_grouped_a(op, lora_a, x.shape[1])
+    _check_ids(op, group_ids, x.shape[0], x, "x")
+    return x.new_empty((x.shape[0], lora_a.shape[1]), dtype=accumulate_dtype(x.dtype))
+
+
+@torch.library.register_fake("loracuda::grouped_expand_add_")
+def _grouped_expand_add_fake(y, h, lora_b, group_ids, scale):
+    op = "grouped_expand_add_"
+    _check_same_device(op, "y", y, h=h, lora_b=lora_b)
+    _check_grouped_b(op, lora_b, y.shape[1])
+    _check_value(h.dim() == 2 and h.shape[0] == y.shape[0] and h.shape[1] == lora_b.shape[2], op, "h",
+                 lambda: f"must be [M, r] = [{y.shape[0]}, {lora_b.shape[2]}] (M from 'y', r from 'lora_b'), "
+                 f"got shape {tuple(h.shape)}")
+    _check_ids(op, group_ids, y.shape[0], y, "y")
+    return None
+
+
+@torch.library.register_fake("loracuda::grouped_backward")
+def _grouped_backward_fake(grad_y, x, h, lora_a, lora_b, group_ids, scale, dropout_p, seed, grad_x):
+    op = "grouped_backward"
+    _check_same_device(op, "x", x, grad_y=grad_y, h=h, lora_a=lora_a, lora_b=lora_b, grad_x=grad_x)
+    _check_grouped_a(op, lora_a, x.shape[1])
+    _check_grouped_b(op, lora_b, grad_y.shape[1], lora_a.shape[0], lora_a.shape[1])
+    _check_ids(op, group_ids, x.shape[0], x, "x")
+    return (
+        torch.empty_like(lora_a, memory_format=torch.contiguous_format),
+        torch.empty_like(lora_b, memory_format=torch.contiguous_format),
+    )
+
+
+@torch.library.register_fake("loracuda::grouped_mm")
+def _grouped_mm_fake(x, weight, group_ids, transpose_weight):
+    op = "grouped_mm"
+    _check_same_device(op, "x", x, weight=weight)
+    _check_value(weight.dim() == 3, op, "weight", lambda: f"must be 3-D [G, N, K], got shape {tuple(weight.shape)}")
+    width = weight.shape[1] if transpose_weight else weight.shape[2]
+    _check_value(weight.shape[0] >= 1 and width == x.shape[1], op, "weight",
+                 lambda: f"must be [G, N, K] with G >= 1 and {'N' if transpose_weight else 'K'} = {x.shape[1]} "
+                 f"(from 'x'), got shape {tuple(weight.shape)}")
+    _check_ids(op, group_ids, x.shape[0], x, "x")
+    return x.new_empty((x.shape[0], weight.shape[2] if transpose_weight else weight.shape[1]))
+
+
+@torch.library.register_fake("loracuda::grouped_weight_grad")
+def _grouped_weight_grad_fake(grad_y, x, group_ids, num_groups):
+    op = "grouped_weight_grad"
+    _check_same_device(op, "x", x, grad_y=grad_y)
+    _check_ids(op, group_ids, x.shape[0], x, "x")
+    return x.new_empty((num_groups, grad_y.shape[1], x.shape[1]))
+
+
+@torch.library.register_fake("loracuda::grouped_lora_linear")
+def _grouped_lora_linear_fake(x, weight, lora_a, lora_b, group_ids, scale, dropout_p, seed):
+    op = "grouped_lora_linear"
+    _check_same_device(op, "x", x, weight=weight, lora_a=lora_a, lora_b=lora_b)
+    _check_value(weight.dim() == 3, op, "weight", lambda: f"must be 3-D [G, N, K], got shape {tuple(weight.shape)}")
+    _check_value(weight.shape[0] >= 1 and weight.shape[2] == x.shape[1], op, "weight",
+                 lambda: f"must be [G, N, K] with G >= 1 and K = {x.shape[1]} (from 'x'), got shape "
+                 f"{tuple(weight.shape)}")
+    _check_grouped_a(op, lora_a, x.shape[1])
+    _check_value(lora_a.shape[0] == weight.shape[0], op, "lora_a",
+                 lambda: f"must have G = {weight.shape[0]} groups (from 'weight'), got shape {tuple(lora_a.shape)}")
+    _check_grouped_b(op, lora_b, weight.shape[1], lora_a.shape[0], lora_a.shape[1])
+    _check_ids(op, group_ids, x.shape[0], x, "x")
+    y = x.new_empty((x.shape[0], weight.shape[1]))
+    h = x.new_empty((x.shape[0], lora_a.shape[1]), dtype=accumulate_dtype(x.dtype))
+    return y, h

@@ -207,3 +207,100 @@ def multi_expand_add(
     # Rows without an adapter are returned exactly as they were.
     out = torch.where((ids >= 0)[:, None], out.to(y.dtype), y)
     return out
+
+
+# ---- grouped LoRA (mixture-of-experts experts) --------------------------------------------------
+# G groups; group_ids [M] in [-1, G); lora_a [G, r, K], lora_b [G, N, r], weight [G, N, K]. Each group's
+# rows go through the plain per-group matmuls (a loop over groups, as a per-expert implementation does).
+
+
+def _group_rows(group_ids: Tensor, groups: int) -> list[Tensor]:
+    ids = group_ids.long()
+    return [torch.nonzero(ids == g).flatten() for g in range(groups)]
+
+
+def grouped_shrink(x: Tensor, lora_a: Tensor, group_ids: Tensor, dropout_p: float = 0.0, seed=None) -> Tensor:
+    """h [M, r]: h[m] = lora_a[g_m] @ dropped(x)[m], 0 for rows with id -1."""
+    dtype = _promote(x, lora_a)
+    xd = dropped(x, dropout_p, seed).to(dtype)
+    h = torch.zeros((x.shape[0], lora_a.shape[1]), dtype=dtype, device=x.device)
+    for g, rows in enumerate(_group_rows(group_ids, lora_a.shape[0])):
+        if rows.numel():
+            h[rows] = xd[rows] @ lora_a[g].to(dtype).t()
+    return h.to(_acc(x.dtype))
+
+
+def grouped_expand_add(y: Tensor, h: Tensor, lora_b: Tensor, group_ids: Tensor, scale: float) -> Tensor:
+    """Out of place: the y that grouped_expand_add_ leaves (rows with id -1 unchanged)."""
+    dtype = _promote(y, h, lora_b)
+    out = y.to(dtype).clone()
+    for g, rows in enumerate(_group_rows(group_ids, lora_b.shape[0])):
+        if rows.numel():
+            out[rows] += scale * (h[rows].to(dtype) @ lora_b[g].to(dtype).t())
+    return torch.where((group_ids.long() >= 0)[:, None], out.to(y.dtype), y)
+
+
+def grouped_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    h: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    group_ids: Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed=None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_a [G, r, K], grad_b [G, N, r], grad_x_lora [M, K]): grad_x_lora is what grouped_backward adds
+    into grad_x (0 for rows with id -1); groups without rows get zeros."""
+    dtype = _promote(grad_y, x, lora_a, lora_b)
+    dy, hh = grad_y.to(dtype), h.to(dtype)
+    a, b = lora_a.to(dtype), lora_b.to(dtype)
+    xd = dropped(x.to(dtype), dropout_p, seed)
+    grad_a, grad_b = torch.zeros_like(a), torch.zeros_like(b)
+    g_all = torch.zeros((x.shape[0], a.shape[1]), dtype=dtype, device=x.device)
+    lora_x = torch.zeros((x.shape[0], x.shape[1]), dtype=dtype, device=x.device)
+    for g, rows in enumerate(_group_rows(group_ids, a.shape[0])):
+        if rows.numel():
+            g_rows = scale * (dy[rows] @ b[g])
+            grad_b[g] = scale * (dy[rows].t() @ hh[rows])
+            grad_a[g] = g_rows.t() @ xd[rows]
+            g_all[rows] = g_rows
+            lora_x[rows] = g_rows @ a[g]
+    grad_x_lora = dropped(lora_x, dropout_p, seed)
+    return grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), grad_x_lora.to(x.dtype)
+
+
+def grouped_mm(x: Tensor, weight: Tensor, group_ids: Tensor, transpose_weight: bool = False) -> Tensor:
+    """out[m] = weight[g_m] @ x[m] (or weight[g_m]^T @ x[m]), 0 for rows with id -1."""
+    width = weight.shape[2] if transpose_weight else weight.shape[1]
+    out = torch.zeros((x.shape[0], width), dtype=x.dtype, device=x.device)
+    for g, rows in enumerate(_group_rows(group_ids, weight.shape[0])):
+        if rows.numel():
+            out[rows] = x[rows] @ (weight[g] if transpose_weight else weight[g].t())
+    return out
+
+
+def grouped_weight_grad(grad_y: Tensor, x: Tensor, group_ids: Tensor, num_groups: int) -> Tensor:
+    out = torch.zeros((num_groups, grad_y.shape[1], x.shape[1]), dtype=x.dtype, device=x.device)
+    for g, rows in enumerate(_group_rows(group_ids, num_groups)):
+        if rows.numel():
+            out[g] = grad_y[rows].t() @ x[rows]
+    return out
+
+
+def grouped_lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    group_ids: Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed=None,
+) -> Tensor:
+    """y [M, N]: y[m] = weight[g_m] @ x[m] + scale * lora_b[g_m] @ lora_a[g_m] @ dropped(x)[m]; 0 for id -1.
+    Differentiable by torch's autograd (the reference for gradients)."""
+    y = grouped_mm(x, weight, group_ids)
+    h = grouped_shrink(x, lora_a, group_ids, dropout_p, seed)
+    return grouped_expand_add(y, h, lora_b, group_ids, scale)

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../grouped_checks.h"
 #include "../dropout_hash.h"
 #include "params.h"
 
@@ -382,6 +383,198 @@ void multi_expand_add_cuda(Tensor& y, const Tensor& h_in, const Tensor& lora_b_a
   if (!target.is_same(y)) y.copy_(target);
 }
 
+// ---- grouped LoRA (mixture-of-experts experts) ---------------------------------------------------------
+// No host synchronisation: the ids are not read here (the kernels treat an id outside [0, G) as -1),
+// factors and weights are passed with their strides (no copy of a PEFT-layout view).
+
+kc::GroupIds group_ids_params(const Tensor& ids, int64_t groups) {
+  kc::GroupIds g;
+  g.ids = ids.data_ptr<int64_t>();
+  g.stride = ids.size(0) <= 1 ? 1 : ids.stride(0);
+  g.groups = groups;
+  return g;
+}
+
+// A [G, rows, cols] tensor as the kernels' strided operand; `swap` reads it as [G, cols, rows].
+kc::GroupedOperand operand(const Tensor& t, bool swap, const char* op, const char* arg) {
+  kc::GroupedOperand o;
+  o.ptr = t.data_ptr();
+  o.dtype = kernel_dtype(t, op, arg);
+  o.group_stride = t.stride(0);
+  o.row_stride = swap ? t.stride(2) : t.stride(1);
+  o.col_stride = swap ? t.stride(1) : t.stride(2);
+  return o;
+}
+
+Tensor grouped_shrink_cuda(const Tensor& x_in, const Tensor& lora_a, const Tensor& group_ids, double dropout_p,
+                           const std::optional<Tensor>& seed) {
+  const char* op = "grouped_shrink";
+  check_grouped_shrink_args(x_in, lora_a, group_ids, dropout_p, seed);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const Tensor x = unit_columns(x_in);
+  const int64_t m = x.size(0), r = lora_a.size(1);
+  Tensor h = at::empty({m, r}, x.options().dtype(at::kFloat));
+  if (m == 0) return h;
+  kc::GroupedRowShrinkParams p;
+  p.x = x.data_ptr();
+  p.x_row_stride = row_stride(x);
+  p.x_dtype = kernel_dtype(x, op, "x");
+  p.a = operand(lora_a, false, op, "lora_a");
+  p.ids = group_ids_params(group_ids, lora_a.size(0));
+  p.out = h.data_ptr<float>();
+  p.out_row_stride = r;
+  p.m = m;
+  p.k = x.size(1);
+  p.j = r;
+  p.dropout = dropout_params(dropout_p, seed);
+  p.num_sms = num_sms();
+  p.stream = at::cuda::getCurrentCUDAStream().stream();
+  C10_CUDA_CHECK(kc::launch_grouped_row_shrink(p));
+  return h;
+}
+
+void grouped_expand_add_cuda(Tensor& y, const Tensor& h_in, const Tensor& lora_b, const Tensor& group_ids,
+                             double scale) {
+  const char* op = "grouped_expand_add_";
+  check_grouped_expand_args(y, h_in, lora_b, group_ids, scale);
+  const c10::cuda::CUDAGuard guard(y.device());
+  if (y.size(0) == 0 || y.size(1) == 0) return;
+  const Tensor h = unit_columns(h_in);
+  Tensor target = y.size(1) <= 1 || y.stride(1) == 1 ? y : y.contiguous();
+  kc::GroupedRowExpandParams p;
+  p.y = target.data_ptr();
+  p.y_row_stride = row_stride(target);
+  p.y_dtype = kernel_dtype(target, op, "y");
+  p.h = h.data_ptr<float>();
+  p.h_row_stride = row_stride(h);
+  p.b = operand(lora_b, false, op, "lora_b");
+  p.ids = group_ids_params(group_ids, lora_b.size(0));
+  p.m = y.size(0);
+  p.n = y.size(1);
+  p.j = lora_b.size(2);
+  p.scale = static_cast<float>(scale);
+  p.num_sms = num_sms();
+  p.stream = at::cuda::getCurrentCUDAStream().stream();
+  C10_CUDA_CHECK(kc::launch_grouped_row_expand(p));
+  if (!target.is_same(y)) y.copy_(target);
+}
+
+// out [G, P, Q] (dtype out_dtype) = alpha * per-group sum of p_rows^T q_rows (q_rows dropped when p > 0).
+Tensor grouped_reduce(const Tensor& p_rows, const Tensor& q_rows, const Tensor& group_ids, int64_t groups,
+                      at::ScalarType value_dtype, at::ScalarType out_dtype, double alpha, double dropout_p,
+                      const std::optional<Tensor>& seed, const char* op) {
+  const Tensor pr = unit_columns(p_rows), qr = unit_columns(q_rows);
+  Tensor out = at::empty({groups, pr.size(1), qr.size(1)}, pr.options().dtype(out_dtype));
+  kc::GroupedReduceParams p;
+  p.value_dtype = value_dtype == at::kBFloat16 ? kc::DType::kBFloat16
+                  : value_dtype == at::kHalf   ? kc::DType::kFloat16
+                                               : kc::DType::kFloat32;  // checked by the caller
+  p.p_rows = pr.data_ptr();
+  p.p_row_stride = row_stride(pr);
+  p.p_float = pr.scalar_type() == at::kFloat;
+  p.q_rows = qr.data_ptr();
+  p.q_row_stride = row_stride(qr);
+  p.q_float = qr.scalar_type() == at::kFloat;
+  p.out = out.data_ptr();
+  p.out_float = out_dtype == at::kFloat;
+  p.ids = group_ids_params(group_ids, groups);
+  p.m = pr.size(0);
+  p.p_cols = pr.size(1);
+  p.q_cols = qr.size(1);
+  p.alpha = static_cast<float>(alpha);
+  p.q_dropout = dropout_params(dropout_p, seed);
+  p.stream = at::cuda::getCurrentCUDAStream().stream();
+  C10_CUDA_CHECK(kc::launch_grouped_reduce(p));
+  return out;
+}
+
+std::tuple<Tensor, Tensor> grouped_backward_cuda(const Tensor& grad_y_in, const Tensor& x_in, const Tensor& h_in,
+                                                 const Tensor& lora_a, const Tensor& lora_b, const Tensor& group_ids,
+                                                 double scale, double dropout_p, const std::optional<Tensor>& seed,
+                                                 const std::optional<Tensor>& grad_x) {
+  const char* op = "grouped_backward";
+  check_grouped_backward_args(grad_y_in, x_in, h_in, lora_a, lora_b, group_ids, scale, dropout_p, seed, grad_x);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const Tensor grad_y = unit_columns(grad_y_in), x = unit_columns(x_in), h = unit_columns(h_in);
+  const int64_t m = x.size(0), k = x.size(1), n = grad_y.size(1), r = lora_a.size(1), groups = lora_a.size(0);
+  const auto stream = at::cuda::getCurrentCUDAStream().stream();
+  // g [M, r] = scale * grad_y @ b_g (b read as [G, r, N] through its strides).
+  Tensor g = at::empty({m, r}, x.options().dtype(at::kFloat));
+  if (m > 0) {
+    kc::GroupedRowShrinkParams p;
+    p.x = grad_y.data_ptr();
+    p.x_row_stride = row_stride(grad_y);
+    p.x_dtype = kernel_dtype(grad_y, op, "grad_y");
+    p.a = operand(lora_b, true, op, "lora_b");
+    p.ids = group_ids_params(group_ids, groups);
+    p.out = g.data_ptr<float>();
+    p.out_row_stride = r;
+    p.m = m;
+    p.k = n;
+    p.j = r;
+    p.alpha = static_cast<float>(scale);
+    p.num_sms = num_sms();
+    p.stream = stream;
+    C10_CUDA_CHECK(kc::launch_grouped_row_shrink(p));
+  }
+  const at::ScalarType value = x.scalar_type();
+  Tensor grad_b = grouped_reduce(grad_y, h, group_ids, groups, value, lora_b.scalar_type(), scale, 0.0, std::nullopt, op);
+  Tensor grad_a = grouped_reduce(g, x, group_ids, groups, value, lora_a.scalar_type(), 1.0, dropout_p, seed, op);
+  if (grad_x.has_value() && m > 0) {
+    Tensor target = k <= 1 || grad_x->stride(1) == 1 ? *grad_x : grad_x->contiguous();
+    kc::GroupedRowExpandParams p;
+    p.y = target.data_ptr();
+    p.y_row_stride = row_stride(target);
+    p.y_dtype = kernel_dtype(target, op, "grad_x");
+    p.h = g.data_ptr<float>();
+    p.h_row_stride = r;
+    p.b = operand(lora_a, true, op, "lora_a");  // a read as [G, K, r]
+    p.ids = group_ids_params(group_ids, groups);
+    p.m = m;
+    p.n = k;
+    p.j = r;
+    p.scale = 1.0f;
+    p.dropout = dropout_params(dropout_p, seed);
+    p.num_sms = num_sms();
+    p.stream = stream;
+    C10_CUDA_CHECK(kc::launch_grouped_row_expand(p));
+    if (!target.is_same(*grad_x)) grad_x->copy_(target);
+  }
+  return {grad_a, grad_b};
+}
+
+Tensor grouped_mm_cuda(const Tensor& x_in, const Tensor& weight, const Tensor& group_ids, bool transpose_weight) {
+  const char* op = "grouped_mm";
+  check_grouped_mm_args(x_in, weight, group_ids, transpose_weight);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const Tensor x = unit_columns(x_in);
+  const int64_t width = transpose_weight ? weight.size(2) : weight.size(1);
+  Tensor out = at::empty({x.size(0), width}, x.options());
+  if (x.size(0) == 0 || width == 0) return out;
+  kc::GroupedMmParams p;
+  p.x = x.data_ptr();
+  p.x_row_stride = row_stride(x);
+  p.dtype = kernel_dtype(x, op, "x");
+  p.w = operand(weight, transpose_weight, op, "weight");  // read as [G, width, x's columns]
+  p.ids = group_ids_params(group_ids, weight.size(0));
+  p.out = out.data_ptr();
+  p.m = x.size(0);
+  p.n = width;
+  p.k = x.size(1);
+  p.num_sms = num_sms();
+  p.stream = at::cuda::getCurrentCUDAStream().stream();
+  C10_CUDA_CHECK(kc::launch_grouped_mm(p));
+  return out;
+}
+
+Tensor grouped_weight_grad_cuda(const Tensor& grad_y, const Tensor& x, const Tensor& group_ids, int64_t num_groups) {
+  const char* op = "grouped_weight_grad";
+  check_grouped_weight_grad_args(grad_y, x, group_ids, num_groups);
+  const c10::cuda::CUDAGuard guard(x.device());
+  return grouped_reduce(grad_y, x, group_ids, num_groups, x.scalar_type(), x.scalar_type(), 1.0, 0.0, std::nullopt,
+                        op);
+}
+
 }  // namespace
 
 // The host build of this file (csrc/emulation/ops.cpp) exposes these functions to its own module instead.
@@ -396,6 +589,11 @@ TORCH_LIBRARY_IMPL(loracuda, CUDA, m) {
   m.impl("backward", &backward_cuda);
   m.impl("multi_shrink", &multi_shrink_cuda);
   m.impl("multi_expand_add_", &multi_expand_add_cuda);
+  m.impl("grouped_shrink", &grouped_shrink_cuda);
+  m.impl("grouped_expand_add_", &grouped_expand_add_cuda);
+  m.impl("grouped_backward", &grouped_backward_cuda);
+  m.impl("grouped_mm", &grouped_mm_cuda);
+  m.impl("grouped_weight_grad", &grouped_weight_grad_cuda);
 }
 #endif
 

@@ -152,6 +152,100 @@ struct MultiExpandParams {
   cudaStream_t stream = nullptr;
 };
 
+// ---- grouped LoRA (csrc/cuda/grouped.cu): one group (mixture-of-experts expert) per row ----------
+// The host reads no id (no synchronisation): the kernels read them and treat an id outside [0, G)
+// (the -1 of a row without a group included) as "no group", never forming an address from it.
+
+// A [G, rows, cols] operand read through its element strides: any view, PEFT's permuted
+// target_parameters layout included (and a transposed role, by swapping row and column strides).
+struct GroupedOperand {
+  const void* ptr = nullptr;
+  DType dtype = DType::kFloat32;
+  int64_t group_stride = 0, row_stride = 0, col_stride = 0;
+};
+
+struct GroupIds {
+  const int64_t* ids = nullptr;        // [M], element m at ids[m * stride]
+  int64_t stride = 1;
+  int64_t groups = 0;                  // G
+};
+
+// out [M, J] float32 (row stride out_row_stride): out[m, j] = alpha * sum_k dropped(x)[m, k] * a(g_m, j, k),
+// 0 for a row without a group. Dropout element index m * K + k. (grouped_shrink; and backward's
+// g = scale * grad_y @ b_g with a = b's transposed view.)
+struct GroupedRowShrinkParams {
+  const void* x = nullptr;
+  int64_t x_row_stride = 0;            // x's column stride is 1
+  DType x_dtype = DType::kFloat32;
+  GroupedOperand a;                    // [G, J, K]
+  GroupIds ids;
+  float* out = nullptr;
+  int64_t out_row_stride = 0;
+  int64_t m = 0, k = 0, j = 0;
+  float alpha = 1.0f;
+  DropoutParams dropout;
+  int num_sms = 0;
+  cudaStream_t stream = nullptr;
+};
+
+// y [M, N] (unit column stride) += scale * dropped(sum_j h[m, j] * b(g_m, n, j)) for the rows with a group
+// (others untouched); dropout element index m * N + n. (grouped_expand_add_; and backward's grad_x
+// += dropped(g @ a_g) with b = a's transposed view.)
+struct GroupedRowExpandParams {
+  void* y = nullptr;
+  int64_t y_row_stride = 0;
+  DType y_dtype = DType::kFloat32;
+  const float* h = nullptr;            // [M, J], unit column stride
+  int64_t h_row_stride = 0;
+  GroupedOperand b;                    // [G, N, J]
+  GroupIds ids;
+  int64_t m = 0, n = 0, j = 0;
+  float scale = 1.0f;
+  DropoutParams dropout;
+  int num_sms = 0;
+  cudaStream_t stream = nullptr;
+};
+
+// The base grouped GEMM: out [M, N] (contiguous, x's dtype) = sum_k x[m, k] * w(g_m, n, k); 0 for a row
+// without a group. w has x's dtype.
+struct GroupedMmParams {
+  const void* x = nullptr;
+  int64_t x_row_stride = 0;            // unit column stride
+  DType dtype = DType::kFloat32;
+  GroupedOperand w;                    // [G, N, K]
+  GroupIds ids;
+  void* out = nullptr;
+  int64_t m = 0, n = 0, k = 0;
+  int num_sms = 0;
+  cudaStream_t stream = nullptr;
+};
+
+// out [G, P, Q] contiguous = alpha * sum over the rows m of group g, in ascending order, of
+// p_rows[m, p] * dropped(q_rows)[m, q] (dropout element index m * Q + q); exact zeros for a group
+// without rows. p_rows, q_rows and out are each in value_dtype or float32. One thread owns each output
+// element: no atomics, the same bits on every run. (Weight gradient, grad_a and grad_b.)
+struct GroupedReduceParams {
+  DType value_dtype = DType::kFloat32;
+  const void* p_rows = nullptr;
+  int64_t p_row_stride = 0;            // unit column stride
+  bool p_float = true;                 // float32 (else value_dtype)
+  const void* q_rows = nullptr;
+  int64_t q_row_stride = 0;
+  bool q_float = true;
+  void* out = nullptr;
+  bool out_float = true;
+  GroupIds ids;
+  int64_t m = 0, p_cols = 0, q_cols = 0;
+  float alpha = 1.0f;
+  DropoutParams q_dropout;
+  cudaStream_t stream = nullptr;
+};
+
+cudaError_t launch_grouped_row_shrink(const GroupedRowShrinkParams& p);
+cudaError_t launch_grouped_row_expand(const GroupedRowExpandParams& p);
+cudaError_t launch_grouped_mm(const GroupedMmParams& p);
+cudaError_t launch_grouped_reduce(const GroupedReduceParams& p);
+
 // Launchers (csrc/cuda/{shrink,expand,merge,backward,multi_lora}.cu). The *_workspace_floats
 // functions tell the binding how much scratch to allocate (through the caching allocator) before
 // the launch.
