@@ -48,11 +48,12 @@ _PEFT_KNOWN = {
     "layers_to_transform",
     "layers_pattern",
     "init_lora_weights",
+    "target_parameters",
 }
 
 # PEFT options that change the model in ways loracuda does not implement: a config that turns one on
 # (any truthy value) is refused instead of being loaded as a silently different model.
-_UNSUPPORTED = ("use_dora", "lora_bias", "use_qalora", "use_bdlora", "layer_replication", "target_parameters",
+_UNSUPPORTED = ("use_dora", "lora_bias", "use_qalora", "use_bdlora", "layer_replication",
                 "trainable_token_indices", "megatron_config")
 
 
@@ -70,6 +71,9 @@ class LoraConfig:
     in full; layers_to_transform: layer indices to adapt (with layers_pattern naming the layer list);
     init: "default" (A Kaiming-uniform, B zero: the model is unchanged at injection), "gaussian"
     (A normal with std 1 / r, B zero) or "random" (B random too: for tests only).
+    target_parameters: experts parameters to adapt (PEFT's option: "<module path>.<parameter>" equals
+    an entry or ends with "." + entry, e.g. ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]; see
+    loracuda.experts). With target_parameters and no target_modules, no module is adapted (as in PEFT).
     ``peft_extra`` keeps unknown PEFT config keys so that they are written back unchanged.
     """
 
@@ -87,6 +91,7 @@ class LoraConfig:
     layers_to_transform: Union[None, int, list[int]] = None
     init: str = "default"
     layers_pattern: Union[None, str, list[str]] = None
+    target_parameters: Optional[list[str]] = None
     peft_extra: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
     # PEFT's names, accepted as keyword arguments: LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05).
     # Not stored: they set alpha / dropout (and read back as properties of the same names).
@@ -130,6 +135,11 @@ class LoraConfig:
                     if name == "alpha_pattern" and not _is_finite_number(v):
                         raise ValueError(f"LoraConfig: argument 'alpha_pattern' maps {key!r} to {v!r}; alphas are finite numbers")
                 setattr(self, name, value)
+        if self.target_parameters is not None:
+            value = [self.target_parameters] if isinstance(self.target_parameters, str) else list(self.target_parameters)
+            if not all(isinstance(v, str) and v for v in value):
+                raise ValueError(f"LoraConfig: argument 'target_parameters' must be a list of strings, got {value!r}")
+            self.target_parameters = value or None
         if self.layers_to_transform is not None and not isinstance(self.layers_to_transform, int):
             wanted = self.layers_to_transform
             if not isinstance(wanted, (list, tuple)) or not all(_is_integral(i) for i in wanted):
@@ -170,6 +180,8 @@ class LoraConfig:
     def target_paths(self, model: nn.Module) -> list[str]:
         """Paths of the modules this config adapts, in model order. Raises if a matched module is not a
         linear layer. Modifies nothing."""
+        if self.target_modules is None and self.target_parameters:
+            return []  # experts only (PEFT: target_parameters without target_modules adapts no module)
         targets = self.target_modules if self.target_modules is not None else ALL_LINEAR
         head = None
         if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
@@ -230,6 +242,8 @@ class LoraConfig:
 
     def describe_targets(self) -> str:
         parts = [f"target_modules={self.target_modules!r}"]
+        if self.target_parameters:
+            parts.append(f"target_parameters={self.target_parameters!r}")
         if self.exclude_modules:
             parts.append(f"exclude_modules={self.exclude_modules!r}")
         if self.layers_to_transform is not None:
@@ -312,6 +326,7 @@ class LoraConfig:
             layers_to_transform=data.get("layers_to_transform"),
             layers_pattern=data.get("layers_pattern"),
             init=init_mode,
+            target_parameters=data.get("target_parameters") or None,
             peft_extra=extra,
         )
 
@@ -323,13 +338,16 @@ class LoraConfig:
         if extra_init is not None and self.init == "default":
             init = extra_init
         targets = self.target_modules if self.target_modules is not None else ALL_LINEAR
+        if self.target_modules is None and self.target_parameters:
+            targets = None
         out.update(
             {
                 "peft_type": "LORA",
                 "r": self.r,
                 "lora_alpha": self.alpha,
                 "lora_dropout": float(self.dropout),
-                "target_modules": targets if isinstance(targets, str) else list(targets),
+                "target_modules": targets if targets is None or isinstance(targets, str) else list(targets),
+                "target_parameters": list(self.target_parameters) if self.target_parameters else None,
                 "exclude_modules": self.exclude_modules,
                 "rank_pattern": dict(self.rank_pattern or {}),
                 "alpha_pattern": dict(self.alpha_pattern or {}),

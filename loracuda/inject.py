@@ -14,6 +14,7 @@ from typing import Iterable, Iterator, Union
 import torch
 from torch import nn
 
+from . import experts
 from .config import LoraConfig, as_loracuda_config, is_conv1d
 from .layers import LoRALinear
 from .model_lock import locked
@@ -80,7 +81,8 @@ def inject(model: nn.Module, config: LoraConfig = None, adapter: str = "default"
     if not isinstance(adapter, str) or not adapter or "." in adapter:
         raise ValueError(f"loracuda.inject: argument 'adapter' must be a non-empty string without '.', got {adapter!r}")
     paths = config.target_paths(model)
-    if not paths:
+    expert_targets = experts.check_injectable(model, config, adapter)  # target_parameters (loracuda.experts)
+    if not paths and not expert_targets:
         raise ValueError(f"loracuda.inject: no module of the model matched {config.describe_targets()}")
     # Each layer's own layout decides (Conv1D stores [K, N]); the config records whether any is Conv1D,
     # which is what PEFT's fan_in_fan_out means for such a model.
@@ -94,6 +96,7 @@ def inject(model: nn.Module, config: LoraConfig = None, adapter: str = "default"
     # then every layer wrapped or extended so far is put back as it was.
     was_training = model.training
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    experts_wrapped = experts.wrapped_paths(model)
     done = []
     try:
         for path in paths:
@@ -107,8 +110,10 @@ def inject(model: nn.Module, config: LoraConfig = None, adapter: str = "default"
             if module is not original:
                 model.set_submodule(path, module)
             module.train(was_training)
+        experts.inject_experts(model, config, adapter, expert_targets, was_training)
         _freeze(model, config, paths)
     except BaseException:
+        experts.undo_inject(model, adapter, expert_targets, experts_wrapped)
         for path, original, module, training in reversed(done):
             if adapter in module.lora_A:
                 module.delete_adapter(adapter)
@@ -149,6 +154,7 @@ def _freeze(model: nn.Module, config: LoraConfig, paths: list[str]) -> None:
         trainable |= {id(p) for p in modules_to_save_params(model, other).values()}
     for _, layer in lora_layers(model):
         trainable |= {id(p) for p in layer.lora_A.values()} | {id(p) for p in layer.lora_B.values()}
+    trainable |= {id(p) for p in experts.factor_params(model)}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
 
@@ -163,12 +169,13 @@ def set_adapter(model: nn.Module, names: Union[str, list[str]]) -> None:
     if bad:
         raise TypeError(f"loracuda.set_adapter: argument 'names' must be a name or a list of names, got {bad[0]!r}")
     names = list(dict.fromkeys(names))
-    known = {n for _, layer in lora_layers(model) for n in layer.lora_A}
+    known = {n for _, layer in lora_layers(model) for n in layer.lora_A} | experts.adapter_names(model)
     missing = [n for n in names if n not in known]
     if missing:
         raise ValueError(f"loracuda.set_adapter: no adapter named {missing} in the model (adapters: {sorted(known)})")
     for _, layer in lora_layers(model):
         layer.active_adapters = [n for n in names if n in layer.lora_A]
+    experts.set_active(model, names)
 
 
 def active_adapters(model: nn.Module) -> list[str]:
@@ -185,11 +192,12 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     """Removes adapter ``name`` from every layer (a layer left without adapters goes back to its plain
     base layer). Raises, changing nothing, for an unknown or merged adapter."""
     layers = [(p, layer) for p, layer in lora_layers(model) if name in layer.lora_A]
-    if not layers:
+    if not layers and name not in experts.adapter_names(model):
         raise ValueError(f"loracuda.delete_adapter: no adapter named {name!r} in the model")
     for p, layer in layers:
         if name in layer.merged:
             raise RuntimeError(f"loracuda.delete_adapter: adapter {name!r} is merged into layer {p!r}; unmerge it first")
+    experts.delete(model, name)  # checks its own merged state before changing anything
     for p, layer in layers:
         layer.delete_adapter(name)
         if not layer.adapters:
@@ -202,8 +210,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
     """Within the block every LoRALinear runs its base layer only (merged adapters must be unmerged first)."""
-    layers = [layer for _, layer in lora_layers(model)]
-    merged = [p for p, layer in lora_layers(model) if layer.merged]
+    layers = [layer for _, layer in lora_layers(model)] + [m for _, m in experts.expert_layers(model)]
+    merged = [p for p, layer in [*lora_layers(model), *experts.expert_layers(model)] if layer.merged]
     if merged:
         raise RuntimeError(f"loracuda.disable_adapters: layers {merged[:3]} have merged adapters; unmerge them first")
     previous = [layer.disabled for layer in layers]
@@ -236,6 +244,12 @@ def combine_adapters(model: nn.Module, weights: dict[str, float], name: str, met
     for n, w in weights.items():
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
             raise ValueError(f"loracuda.combine_adapters: argument 'weights' maps {n!r} to {w!r}; weights are finite numbers")
+    on_experts = sorted(set(weights) & experts.adapter_names(model))
+    if on_experts:
+        raise ValueError(
+            f"loracuda.combine_adapters: adapters {on_experts} adapt experts (target_parameters), which "
+            "combine_adapters does not support; the model is unchanged"
+        )
     known = {n for _, layer in lora_layers(model) for n in layer.lora_A}
     missing = [n for n in weights if n not in known]
     if missing:
@@ -303,6 +317,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for path, layer in list(lora_layers(model)):
         layer.merged.clear()
         model.set_submodule(path, layer.base_layer)
+    experts.unload(model)
     if hasattr(model, CONFIGS_ATTR):
         delattr(model, CONFIGS_ATTR)
     return model
@@ -337,6 +352,12 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     for n, cfg in peft_configs.items():
         data = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
         table[n] = LoraConfig.from_peft(data)  # refuses non-LoRA types and DoRA
+        if table[n].target_parameters:
+            raise ValueError(
+                f"loracuda.from_peft: PEFT adapter {n!r} uses target_parameters={table[n].target_parameters!r} "
+                "(LoRA on experts), which from_peft does not convert; save it with save_pretrained and "
+                "loracuda.load_adapter the folder instead. The model is unchanged"
+            )
     plan = []
     for path, module in base.named_modules():
         if isinstance(module, LoraLayer):

@@ -33,7 +33,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import experts, ops
 from .layers import LoRALinear
 from .model_lock import locked
 
@@ -126,7 +126,8 @@ def _check_finite(path: str, names: Sequence[str], layer: LoRALinear) -> None:
 
 
 def _known(model: nn.Module) -> set:
-    return {n for _, layer in model.named_modules() if isinstance(layer, LoRALinear) for n in layer.lora_A}
+    linear = {n for _, layer in model.named_modules() if isinstance(layer, LoRALinear) for n in layer.lora_A}
+    return linear | experts.adapter_names(model)
 
 
 def _wanted(adapter: Union[None, str, Iterable[str]], what: str) -> Optional[list[str]]:
@@ -198,8 +199,27 @@ def merge(
     most a quarter of the weight's bytes; if a layer's record would be larger, raises naming the layer,
     with every layer as it was) so that unmerge restores the weights bit for bit; exact=False keeps
     nothing and unmerge subtracts (not bit-exact in low precision). safe=True first checks the adapters
-    and the would-be merged weights for inf/NaN. Returns a MergeReport."""
-    plan = _plan(model, adapter)
+    and the would-be merged weights for inf/NaN. Returns a MergeReport.
+
+    Experts parameters adapted by target_parameters are merged first, expert slice by expert slice
+    (loracuda.experts.merge_experts); an error in the linear layers unmerges them again."""
+    plan = _plan(model, adapter)  # checks the adapter names
+    expert_done = experts.merge_experts(model, adapter, safe, exact)
+    try:
+        report = _merge_linear(model, plan, safe, exact)
+    except BaseException:
+        experts.rollback(expert_done)
+        raise
+    for path, m, p, rec in expert_done:
+        w = getattr(m.base_layer, p)
+        report.layers[f"{path}.{p}"] = list(rec.adapters)
+        report.record_bytes[f"{path}.{p}"] = rec.nbytes
+        report.weight_bytes += w.numel() * w.element_size()
+    report.total_record_bytes = sum(report.record_bytes.values())
+    return report
+
+
+def _merge_linear(model: nn.Module, plan: list, safe: bool, exact: bool) -> MergeReport:
     # Every check that needs no merge, on every layer, before the first write.
     for path, layer, _ in plan:
         if not layer.weight.is_contiguous():
@@ -278,6 +298,7 @@ def unmerge(model: nn.Module, adapter: Union[None, str, Iterable[str]] = None) -
                     f"loracuda.unmerge: layer {path!r} has {list(r.adapters)} merged together; unmerge them together"
                 )
         plan.append((path, layer, list(reversed(todo))))
+    expert_plan = experts.unmerge_plan(model, adapter)  # checked, nothing written yet
     # Check every record before writing anything: the weight must be as the last merge left it and the
     # adapters as they were merged.
     for path, layer, todo in plan:
@@ -306,4 +327,4 @@ def unmerge(model: nn.Module, adapter: Union[None, str, Iterable[str]] = None) -
             if remaining:  # the weight is back to what the previous merge left: its record applies again
                 remaining[-1].weight_version = w._version
         done.append(path)
-    return done
+    return done + experts.unmerge_apply(expert_plan)

@@ -21,7 +21,7 @@ import os
 import torch
 from torch import Tensor, nn
 
-from . import adapter_folder
+from . import adapter_folder, experts
 from .model_lock import locked
 from .config import CONFIG_NAME, LoraConfig, is_conv1d
 from .inject import CONFIGS_ATTR, adapter_paths, configs, inject, lora_layers, modules_to_save_params
@@ -71,6 +71,8 @@ def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, 
             out[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B[adapter]
     for key, p in _extra_params(model, config, paths).items():
         out[PREFIX + key] = p
+    for key, t in experts.adapter_tensors(model, adapter).items():  # target_parameters, PEFT's layout
+        out[PREFIX + key] = t
     # Own contiguous copies: safetensors refuses shared storage (e.g. tied embeddings in modules_to_save).
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
@@ -217,9 +219,9 @@ def _expected(model: nn.Module, config: LoraConfig, adapter: str):
     loading ``adapter``: the layers already holding it, else those ``config`` targets."""
     existing = adapter_paths(model, adapter)
     paths = existing if existing else config.target_paths(model)
-    if not paths:
+    expected = experts.expected_tensors(model, config, adapter)  # target_parameters (loracuda.experts)
+    if not paths and not expected:
         raise ValueError(f"loracuda.load_adapter: no module of the model matched {config.describe_targets()}")
-    expected = {}
     for path in paths:
         module = model.get_submodule(path)
         base = getattr(module, "base_layer", module)
@@ -342,10 +344,17 @@ def check_adapter(file: str, config: LoraConfig, tensors: dict[str, Tensor], exp
 # ---- loading -------------------------------------------------------------------------------------
 
 
+def _layers(model: nn.Module) -> dict:
+    """{path: LoRALinear or LoRAExperts} of the model."""
+    return {**dict(lora_layers(model)), **dict(experts.expert_layers(model))}
+
+
 def _destination(layers: dict, adapter: str, kind: str, target) -> Tensor:
     """The tensor an expected entry (``_expected``) is loaded into."""
     if kind == "param":
         return target
+    if kind in ("expert_A", "expert_B"):  # (experts path, parameter): the factor in PEFT's layout
+        return experts.PeftLayoutFactor(layers[target[0]], target[1], kind, adapter)
     return (layers[target].lora_A if kind == "A" else layers[target].lora_B)[adapter]
 
 
@@ -354,7 +363,7 @@ def _old_value(model: nn.Module, adapter: str, kind: str, target, exists: bool):
         return target.detach().clone()
     if not exists:
         return None
-    return _destination(dict(lora_layers(model)), adapter, kind, target).detach().clone()
+    return _destination(_layers(model), adapter, kind, target).detach().clone()
 
 
 def _scale_state(layer, adapter: str) -> tuple:
@@ -392,15 +401,16 @@ def load_adapter(model: nn.Module, path: str, adapter: str = "default") -> nn.Mo
         if not exists:
             inject(model, config, adapter)
             injected = True
-        layers = dict(lora_layers(model))
+        layers = _layers(model)
         for key, (kind, target, _) in expected.items():
             _destination(layers, adapter, kind, target).copy_(tensors[key])
         if exists:
             for p in paths:
                 layers[p].set_scale(adapter, config.rank_for(p), config.alpha_for(p), config.use_rslora)
                 layers[p].dropout_p[adapter] = float(config.dropout)
+            experts.set_scales(model, config, adapter)
     except BaseException:
-        layers = dict(lora_layers(model))
+        layers = _layers(model)
         for key, (kind, target, _) in expected.items():
             if old_values[key] is not None and (kind == "param" or not injected):
                 _destination(layers, adapter, kind, target).copy_(old_values[key])
@@ -431,9 +441,15 @@ def hot_swap(model: nn.Module, path: str, adapter: str = "default") -> None:
     and merged as before (bit for bit for exact merges), and the error names the layer."""
     from .merge import merge_layers, unmerge
 
+    if adapter in experts.adapter_names(model):
+        raise ValueError(
+            f"loracuda.hot_swap: adapter {adapter!r} adapts experts (target_parameters), which hot_swap does not "
+            "support; load_adapter the new file under another name and set_adapter it. The model is unchanged"
+        )
     if not adapter_paths(model, adapter):
         raise ValueError(f"loracuda.hot_swap: the model has no adapter named {adapter!r}; load_adapter it first")
     file, config, tensors = read_adapter(path)
+    experts.refuse_in("hot_swap", config)
     paths, expected = _expected(model, config, adapter)
     check_adapter(file, config, tensors, expected, pad_rank=True)
     layers = dict(lora_layers(model))

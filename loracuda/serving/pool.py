@@ -267,6 +267,11 @@ class AdapterPool:
             unsupported.append(f"bias={config.bias!r} (it trains base biases)")
         if config.modules_to_save:
             unsupported.append(f"modules_to_save={config.modules_to_save!r} (it replaces whole modules)")
+        if config.target_parameters:
+            raise ValueError(
+                f"{where} uses target_parameters={config.target_parameters!r} (LoRA on experts), which the pool "
+                "does not serve; merge it (loracuda.merge) or run it as an injected adapter. The pool is unchanged."
+            )
         if unsupported:
             raise ValueError(
                 f"{where} has {' and '.join(unsupported)}; the pool serves LoRA factors only, since such an adapter "
