@@ -349,3 +349,88 @@ def test_multi_expand_add_and_backward_refuse_grad_inputs():
     gx = torch.zeros(m, 8, requires_grad=True)
     with pytest.raises(RuntimeError, match=f"loracuda.backward: {LEAF}"):
         ops.backward(y, x.detach(), reference.shrink(x.detach(), a), a, b, 1.0, grad_x=gx)
+
+
+# ---- the grouped ops' written arguments (grouped_expand_add_'s y, grouped_backward's grad_x) -------
+
+
+def _grouped_ids(m, groups=2):
+    return torch.arange(m, dtype=torch.long) % groups
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_expand_add_expanded_y_is_refused(dtype):
+    m, n, r = 6, 8, 2
+    base = torch.zeros(1, n, dtype=dtype)
+    y = base.expand(m, n)
+    h, lb = randn(m, r, seed=40), randn(2, n, r, seed=41).to(dtype)
+    raises_unchanged(ValueError, "loracuda.grouped_expand_add_: argument 'y' .*" + MATCH_SELF,
+                     lambda: ops.grouped_expand_add_(y, h, lb, _grouped_ids(m), 1.0), base=base, h=h, lb=lb)
+
+
+def test_grouped_expand_add_h_aliasing_y_is_refused():
+    y = randn(6, 8, seed=42)
+    h = y[:, :2]  # h [M, r] reads the first columns of y
+    lb = randn(2, 8, 2, seed=43)
+    raises_unchanged(ValueError, "loracuda.grouped_expand_add_: argument 'h' shares memory with 'y'",
+                     lambda: ops.grouped_expand_add_(y, h, lb, _grouped_ids(6), 1.0), y=y, lb=lb)
+
+
+def test_grouped_expand_add_y_aliasing_lora_b_is_refused():
+    y = randn(8, 4, seed=44)
+    lb = y.view(2, 4, 4)  # lora_b [G=2, N=4, r=4] on y's own storage
+    h = randn(8, 4, seed=45)
+    raises_unchanged(ValueError, "loracuda.grouped_expand_add_: argument 'lora_b' shares memory with 'y'",
+                     lambda: ops.grouped_expand_add_(y, h, lb, _grouped_ids(8), 1.0), y=y, h=h)
+
+
+def test_grouped_expand_add_y_aliasing_group_ids_is_refused():
+    ids = torch.zeros(5, dtype=torch.long)
+    y = ids.view(torch.float64).view(5, 1)  # float64 y over the id bytes (zeros read as 0.0)
+    h = torch.randn(5, 2, generator=gen(46), dtype=torch.float64)
+    lb = torch.randn(1, 1, 2, generator=gen(47), dtype=torch.float64)
+    raises_unchanged(ValueError, "loracuda.grouped_expand_add_: argument 'group_ids' shares memory with 'y'",
+                     lambda: ops.grouped_expand_add_(y, h, lb, ids, 1.0), ids=ids, h=h, lb=lb)
+
+
+def test_grouped_expand_add_disjoint_column_slices_are_accepted():
+    # y and h as disjoint column slices of one float32 buffer: allowed, and the result is the reference's.
+    m, n, r = 6, 8, 2
+    buf = randn(m, n + r, seed=48)
+    y, h = buf[:, :n], buf[:, n:]
+    lb, ids = randn(2, n, r, seed=49), _grouped_ids(m)
+    expected64 = reference.grouped_expand_add(to64(y), to64(h), to64(lb), ids, 0.5)
+    plain = reference.grouped_expand_add(y.clone(), h, lb, ids, 0.5)
+    h_before = h.clone()
+    ops.grouped_expand_add_(y, h, lb, ids, 0.5)
+    assert torch.equal(h, h_before)
+    assert_within_rule("grouped_expand_add_ into a column slice", y, plain, expected64)
+
+
+def _grouped_backward_args(dtype=torch.float32, m=6, k=8, n=4, r=2):
+    x, gy = randn(m, k, seed=50).to(dtype), randn(m, n, seed=51).to(dtype)
+    a, b = randn(2, r, k, seed=52), randn(2, n, r, seed=53)
+    ids = _grouped_ids(m)
+    h = ops.grouped_shrink(x, a, ids)
+    return gy, x, h, a, b, ids
+
+
+def test_grouped_backward_grad_x_aliasing_x_is_refused():
+    gy, x, h, a, b, ids = _grouped_backward_args()
+    raises_unchanged(ValueError, "loracuda.grouped_backward: argument 'x' shares memory with 'grad_x'",
+                     lambda: ops.grouped_backward(gy, x, h, a, b, ids, 1.0, grad_x=x), x=x, gy=gy, a=a, b=b, h=h)
+
+
+def test_grouped_backward_grad_x_aliasing_grad_y_is_refused():
+    gy, x, h, a, b, ids = _grouped_backward_args(k=4, n=4)
+    raises_unchanged(ValueError, "loracuda.grouped_backward: argument 'grad_y' shares memory with 'grad_x'",
+                     lambda: ops.grouped_backward(gy, x, h, a, b, ids, 1.0, grad_x=gy), x=x, gy=gy, a=a, b=b, h=h)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_backward_expanded_grad_x_is_refused(dtype):
+    gy, x, h, a, b, ids = _grouped_backward_args(dtype)
+    base = torch.zeros(1, 8, dtype=dtype)
+    gx = base.expand(6, 8)
+    raises_unchanged(ValueError, "loracuda.grouped_backward: argument 'grad_x' .*" + MATCH_SELF,
+                     lambda: ops.grouped_backward(gy, x, h, a, b, ids, 1.0, grad_x=gx), base=base, x=x, gy=gy)
