@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # LORACUDA_EMULATION_BUILD: another cache folder (e.g. to time a build from scratch).
 BUILD = Path(os.environ.get("LORACUDA_EMULATION_BUILD", ROOT / "build" / "emulation"))
-KERNEL_SOURCES = ("shrink.cu", "expand.cu", "merge.cu", "backward.cu", "multi_lora.cu")
+KERNEL_SOURCES = ("shrink.cu", "expand.cu", "merge.cu", "backward.cu", "multi_lora.cu", "grouped.cu")
 SUPPORT_SOURCES = ("runtime.cpp", "kernel_library.cpp")
 # -O1: a fraction of -O2's compile time; the emulation's cost is the fibers, not the arithmetic.
 # -ffp-contract=off: no fused multiply-add the source does not write (fmaf is written where wanted).

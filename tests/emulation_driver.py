@@ -267,12 +267,140 @@ def run_multi(case, misaligned: bool) -> None:
     assert_unchanged(before, inputs, f"multi_expand_add_ [{case}]")
 
 
+# ---- grouped LoRA (mixture-of-experts experts) -----------------------------------------------------------
+
+
+def grouped_cases() -> list:
+    """tests/test_grouped_ops.py's grid without float64 (M = 0, one group, all rows -1, empty groups, r in
+    {1, 16, 65}, K and N not multiples of 8, sorted / unsorted rows, padded / transposed x, stacked and
+    PEFT-layout factor views, every 16-bit / float32 (value, factor) pair, integer-valued exact cases)."""
+    from test_grouped_ops import CASES
+
+    return [c for c in CASES if c.dtype != F64]
+
+
+def run_grouped(case, misaligned: bool) -> None:
+    """Every grouped op on one case: grouped_shrink, grouped_expand_add_, grouped_backward (with grad_x;
+    also without it on every third case, bit for bit the same factor gradients), grouped_mm both
+    orientations and grouped_weight_grad, and grouped_lora_linear's forward and backward as its CUDA
+    composite runs them (csrc/grouped_lora_linear.cpp, csrc/grouped_lora_linear_autograd.cpp)."""
+    import test_grouped_ops as t
+    from samples import guarded as guarded_view
+
+    index = t.CASES.index(case)
+    with guarded():
+        x = t.x_for(case, CPU)
+        if misaligned:
+            x = _with_misaligned_x(case, (x,))[0]
+        lora_a, lora_b = t.factors(case, CPU)
+        ids = t.group_ids(case)
+        seed = t.seed_for(case)
+        inputs = {"x": x, "lora_a": lora_a, "lora_b": lora_b, "group_ids": ids}
+        before = snapshot(inputs)
+        h = emu.grouped_shrink(x, lora_a, ids, case.p, seed)
+    assert h.dtype == torch.float32 and tuple(h.shape) == (case.m, case.r), f"h: {h.dtype} {tuple(h.shape)}"
+    t.check(f"grouped_shrink [{case}] h", case, h, reference.grouped_shrink(x, lora_a, ids, case.p, seed),
+            reference.grouped_shrink(to64(x), to64(lora_a), ids, case.p, seed))
+    assert int((h[ids < 0] != 0).sum()) == 0, f"grouped_shrink [{case}]: rows with id -1 are not 0"
+    assert_unchanged(before, inputs, f"grouped_shrink [{case}]")
+
+    # grouped_expand_add_ into a guarded y (h with integer values, as in the CPU test).
+    with guarded():
+        hv = t._place(t.draw(case, "h", (case.m, case.r), F32, magnitude=1), case.layout, CPU, F32)
+        guard = guarded_view(t.draw(case, "y", (case.m, case.n), case.dtype, magnitude=2), case.layout, CPU,
+                             case.dtype)
+        y = guard.view
+        y0 = y.clone()
+        before = snapshot({"h": hv, "lora_b": lora_b, "group_ids": ids})
+        emu.grouped_expand_add_(y, hv, lora_b, ids, case.scale)
+    t.check(f"grouped_expand_add_ [{case}] y", case, y, reference.grouped_expand_add(y0, hv, lora_b, ids, case.scale),
+            reference.grouped_expand_add(to64(y0), to64(hv), to64(lora_b), ids, case.scale))
+    none = ids < 0
+    changed = int((bit_pattern(y)[none] != bit_pattern(y0)[none]).sum())
+    assert changed == 0, f"grouped_expand_add_ [{case}]: {changed} elements of rows with id -1 changed"
+    assert guard.changed_outside() == 0, f"grouped_expand_add_ [{case}]: guard elements around 'y' were written"
+    assert_unchanged(before, {"h": hv, "lora_b": lora_b, "group_ids": ids}, f"grouped_expand_add_ [{case}]")
+
+    # grouped_backward with grad_x (guarded), and without it.
+    with guarded():
+        grad_y = t.x_for(case, CPU, "grad_y", case.n)
+        h = t.h_for(case, CPU, x, lora_a, ids)
+        gguard = guarded_view(t.draw(case, "grad_x", (case.m, case.k), case.dtype, magnitude=2), case.layout, CPU,
+                              case.dtype)
+        grad_x = gguard.view
+        gx0 = grad_x.clone()
+        inputs = {"grad_y": grad_y, "x": x, "h": h, "lora_a": lora_a, "lora_b": lora_b, "group_ids": ids}
+        before = snapshot(inputs)
+        grad_a, grad_b = emu.grouped_backward(grad_y, x, h, lora_a, lora_b, ids, case.scale, case.p, seed, grad_x)
+        without = (emu.grouped_backward(grad_y, x, h, lora_a, lora_b, ids, case.scale, case.p, seed, None)
+                   if index % 3 == 0 else None)
+    assert grad_a.dtype == lora_a.dtype and tuple(grad_a.shape) == tuple(lora_a.shape), "grad_a"
+    assert grad_b.dtype == lora_b.dtype and tuple(grad_b.shape) == tuple(lora_b.shape), "grad_b"
+    r64 = reference.grouped_backward(to64(grad_y), to64(x), to64(h), to64(lora_a), to64(lora_b), ids, case.scale,
+                                     case.p, seed)
+    rp = reference.grouped_backward(grad_y, x, h, lora_a, lora_b, ids, case.scale, case.p, seed)
+    t.check(f"grouped_backward [{case}] grad_a", case, grad_a, rp[0], r64[0], FACTOR_GRADIENTS)
+    t.check(f"grouped_backward [{case}] grad_b", case, grad_b, rp[1], r64[1], FACTOR_GRADIENTS)
+    gx_plain = (gx0.to(rp[2].dtype) + rp[2]).to(case.dtype)
+    t.check(f"grouped_backward [{case}] grad_x", case, grad_x, gx_plain, to64(gx0) + r64[2], FACTOR_GRADIENTS)
+    for g in t._empty_groups(ids, case.groups):
+        assert int((grad_a[g] != 0).sum()) == 0 and int((grad_b[g] != 0).sum()) == 0, (
+            f"grouped_backward [{case}]: group {g} has no rows but a non-zero gradient")
+    if without is not None:
+        assert torch.equal(without[0], grad_a) and torch.equal(without[1], grad_b), (
+            f"grouped_backward [{case}]: factor gradients differ without grad_x")
+    assert gguard.changed_outside() == 0, f"grouped_backward [{case}]: guard elements around 'grad_x' were written"
+    assert_unchanged(before, inputs, f"grouped_backward [{case}]")
+
+    # grouped_mm (both orientations) and grouped_weight_grad.
+    with guarded():
+        w = t.weight_for(case, CPU)
+        out = emu.grouped_mm(x, w, ids, False)
+        dx = emu.grouped_mm(grad_y, w, ids, True)
+        dw = emu.grouped_weight_grad(grad_y, x, ids, case.groups)
+    for what, got, fn, args in (
+        ("y", out, reference.grouped_mm, (x, w, ids)),
+        ("dx", dx, reference.grouped_mm, (grad_y, w, ids, True)),
+        ("dw", dw, reference.grouped_weight_grad, (grad_y, x, ids, case.groups)),
+    ):
+        ref64 = fn(*(to64(a) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args))
+        t.check(f"grouped_mm [{case}] {what}", case, got, fn(*args), ref64)
+    assert int((out[none] != 0).sum()) == 0 and int((dx[none] != 0).sum()) == 0, f"grouped_mm [{case}]: id -1 rows"
+    for g in t._empty_groups(ids, case.groups):
+        assert int((dw[g] != 0).sum()) == 0, f"grouped_weight_grad [{case}]: empty group {g} not exactly 0"
+
+    # grouped_lora_linear as the CUDA composite and its autograd formula call the kernels.
+    with guarded():
+        y_lin = emu.grouped_mm(x, w, ids, False)
+        h_lin = emu.grouped_shrink(x, lora_a, ids, case.p, seed)
+        emu.grouped_expand_add_(y_lin, h_lin, lora_b, ids, case.scale)
+        dy = t.draw(case, "dy", (case.m, case.n), case.dtype).to(case.dtype)
+        gx_lin = emu.grouped_mm(dy, w, ids, True)
+        ga_lin, gb_lin = emu.grouped_backward(dy, x, h_lin, lora_a, lora_b, ids, case.scale, case.p, seed, gx_lin)
+        gw_lin = emu.grouped_weight_grad(dy, x, ids, case.groups)
+
+    def reference_grads(cast):
+        leaves = [cast(v).detach().requires_grad_(True) for v in (x, w, lora_a, lora_b)]
+        y_ref = reference.grouped_lora_linear(*leaves, ids, case.scale, case.p, seed)
+        if y_ref.requires_grad:
+            y_ref.backward(cast(dy))
+        grads = [v.grad if v.grad is not None else torch.zeros_like(v) for v in leaves]
+        return [y_ref.detach()] + grads
+
+    plain, ref64 = reference_grads(lambda v: v), reference_grads(to64)
+    got = (y_lin, gx_lin, gw_lin, ga_lin, gb_lin)
+    for i, what in enumerate(("y", "grad_x", "grad_weight", "grad_a", "grad_b")):
+        t.check(f"grouped_lora_linear [{case}] {what}", case, got[i], plain[i], ref64[i],
+                2.0 if i == 0 else FACTOR_GRADIENTS)
+
+
 FAMILIES = {
     "shrink": (shrink_cases, run_shrink),
     "expand": (expand_cases, run_expand),
     "merge": (merge_cases, run_merge),
     "backward": (backward_cases, run_backward),
     "multi": (multi_cases, run_multi),
+    "grouped": (grouped_cases, run_grouped),
 }
 
 

@@ -25,7 +25,7 @@ import torch
 import emulation_build
 
 HERE = Path(__file__).resolve().parent
-FAMILIES = ("shrink", "expand", "merge", "backward", "multi")
+FAMILIES = ("shrink", "expand", "merge", "backward", "multi", "grouped")
 
 
 def _driver(library: Path, extension: Path, family: str, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -154,6 +154,17 @@ def test_planted_swapped_fragment_register_is_caught(built, tmp_path):
     assert "||kernel - ref64||" in run.stdout or "differ from the exact result" in run.stdout, run.stdout
 
 
+def test_planted_grouped_reduce_missing_barrier_is_a_race(built, tmp_path):
+    """grouped.cu's reduce without the barrier between compacting a chunk's rows into shared memory and
+    reading them back: the race check reports it."""
+    _, extension = built
+    library = _planted(tmp_path, "grouped.cu", "static_cast<int>(tid));\n    __syncthreads();\n",
+                       "static_cast<int>(tid));\n")
+    run = _driver(library, extension, "grouped", "--only", "M37_", "--limit", "1", "--stop-on-failure")
+    assert run.returncode == 1, f"the harness missed a removed __syncthreads:\n{run.stdout}\n{run.stderr[-2000:]}"
+    assert "shared-memory race" in run.stdout and "grouped_reduce_kernel" in run.stdout, run.stdout
+
+
 # ---- the CUDA binding's own checks (csrc/cuda/bindings.cpp on host tensors) ------------------------------
 
 
@@ -203,3 +214,24 @@ def test_binding_refuses_overlapping_outputs_as_the_cpu_op_does(emulation, index
         pytest.skip(f"csrc/checks.h does not refuse an overlapping {arg} yet (the CPU {op} accepts it)")
     with pytest.raises((ValueError, RuntimeError), match=arg):
         call(emulation)
+
+
+def test_binding_refuses_aliased_grouped_outputs(emulation):
+    """The CUDA binding of grouped_expand_add_ / grouped_backward applies the overlap rule before writing:
+    y sharing memory with h, grad_x being x, are refused and nothing changes."""
+    g = torch.Generator().manual_seed(5)
+    m, k, n, r = 6, 8, 8, 2
+    ids = torch.arange(m, dtype=torch.long) % 2
+    y = torch.randn(m, n, generator=g)
+    lb = torch.randn(2, n, r, generator=g)
+    before = y.clone()
+    with pytest.raises((ValueError, RuntimeError), match="'h' shares memory with 'y'"):
+        emulation.grouped_expand_add_(y, y[:, :r], lb, ids, 1.0)
+    assert torch.equal(y, before), "grouped_expand_add_ wrote y before refusing it"
+    x, gy = torch.randn(m, k, generator=g), torch.randn(m, n, generator=g)
+    la = torch.randn(2, r, k, generator=g)
+    h = torch.randn(m, r, generator=g)
+    x0 = x.clone()
+    with pytest.raises((ValueError, RuntimeError), match="'x' shares memory with 'grad_x'"):
+        emulation.grouped_backward(gy, x, h, la, lb, ids, 1.0, 0.0, None, x)
+    assert torch.equal(x, x0), "grouped_backward wrote grad_x (= x) before refusing it"

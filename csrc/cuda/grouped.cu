@@ -17,7 +17,8 @@
 // in ascending order) into shared memory chunk by chunk and accumulates 16 rows at a time from
 // shared memory.
 //
-// Compiled for sm_80 / sm_90 (no spills), not run on a GPU. Plain FMA (no tensor cores yet: the
+// Shared memory and launches go through device_api.cuh, so the emulation tier runs these kernels on the
+// host (tests/emulation_driver.py, family 'grouped'). Compiled for sm_80 / sm_90 (no spills), not run on a GPU. Plain FMA (no tensor cores yet: the
 // tensor-core paths of shrink.cu / multi_lora.cu are the model for a later version).
 #include "common.cuh"
 
@@ -139,21 +140,21 @@ __global__ void __launch_bounds__(kThreads) grouped_row_expand_kernel(const Grou
 // (t % 16) + {0, 16, 32, 48}. One pass per distinct group among the tile's rows, in ascending order.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) grouped_mm_kernel(const GroupedMmParams p) {
-  __shared__ float x_s[kMmRows][kMmStride];
-  __shared__ float w_s[kMmCols][kMmStride];
-  __shared__ int ids_s[kMmRows];
-  __shared__ int pass_group;
+  LORACUDA_SHARED(float, x_s, kMmRows * kMmStride);  // [row][k], row stride kMmStride
+  LORACUDA_SHARED(float, w_s, kMmCols * kMmStride);  // [column][k], row stride kMmStride
+  LORACUDA_SHARED(int, ids_s, kMmRows);              // the tile's group per row (-1: none or past M)
+  LORACUDA_SHARED(int, pass_group, 1);               // the group of the current pass (-1: done)
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kMmRows;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kMmCols;
   const int tid = threadIdx.x, tr = tid / 16, tc = tid % 16;
-  if (tid < kMmRows) ids_s[tid] = m0 + tid < p.m ? group_of(p.ids, m0 + tid) : -1;
+  if (tid < kMmRows) shared_store(ids_s + tid, m0 + tid < p.m ? group_of(p.ids, m0 + tid) : -1);
   __syncthreads();
   T* out = static_cast<T*>(p.out);
   // Rows without a group: 0.
 #pragma unroll
   for (int a = 0; a < 2; ++a) {
     const int row = tr + 16 * a;
-    if (ids_s[row] >= 0 || m0 + row >= p.m) continue;
+    if (shared_load(ids_s + row) >= 0 || m0 + row >= p.m) continue;
 #pragma unroll
     for (int b = 0; b < 4; ++b) {
       const int64_t col = n0 + tc + 16 * b;
@@ -165,13 +166,13 @@ __global__ void __launch_bounds__(kThreads) grouped_mm_kernel(const GroupedMmPar
     if (tid == 0) {
       int next = -1;
       for (int i = 0; i < kMmRows; ++i) {
-        const int g = ids_s[i];
+        const int g = shared_load(ids_s + i);
         if (g > previous && (next < 0 || g < next)) next = g;
       }
-      pass_group = next;
+      shared_store(pass_group, next);
     }
     __syncthreads();
-    const int g = pass_group;
+    const int g = shared_load(pass_group);
     __syncthreads();  // every thread has read pass_group before thread 0 may write it again
     if (g < 0) break;
     previous = g;
@@ -187,23 +188,24 @@ __global__ void __launch_bounds__(kThreads) grouped_mm_kernel(const GroupedMmPar
       for (int e = 0; e < (kMmRows * kMmK) / kThreads; ++e) {
         const int idx = tid + e * kThreads, row = idx / kMmK, kk = idx % kMmK;
         const int64_t m = m0 + row, k = k0 + kk;
-        x_s[row][kk] = m < p.m && k < p.k && ids_s[row] == g
-                           ? to_float(static_cast<const T*>(p.x)[m * p.x_row_stride + k])
-                           : 0.0f;
+        shared_store(x_s + row * kMmStride + kk,
+                     m < p.m && k < p.k && shared_load(ids_s + row) == g
+                         ? to_float(static_cast<const T*>(p.x)[m * p.x_row_stride + k])
+                         : 0.0f);
       }
 #pragma unroll
       for (int e = 0; e < (kMmCols * kMmK) / kThreads; ++e) {
         const int idx = tid + e * kThreads, col = idx / kMmK, kk = idx % kMmK;
         const int64_t n = n0 + col, k = k0 + kk;
-        w_s[col][kk] = n < p.n && k < p.k ? operand_at<T>(p.w, g, n, k) : 0.0f;
+        shared_store(w_s + col * kMmStride + kk, n < p.n && k < p.k ? operand_at<T>(p.w, g, n, k) : 0.0f);
       }
       __syncthreads();
 #pragma unroll 8
       for (int kk = 0; kk < kMmK; ++kk) {
-        const float x0 = x_s[tr][kk], x1 = x_s[tr + 16][kk];
+        const float x0 = shared_load(x_s + tr * kMmStride + kk), x1 = shared_load(x_s + (tr + 16) * kMmStride + kk);
 #pragma unroll
         for (int b = 0; b < 4; ++b) {
-          const float w = w_s[tc + 16 * b][kk];
+          const float w = shared_load(w_s + (tc + 16 * b) * kMmStride + kk);
           acc[0][b] = fmaf(x0, w, acc[0][b]);
           acc[1][b] = fmaf(x1, w, acc[1][b]);
         }
@@ -213,7 +215,7 @@ __global__ void __launch_bounds__(kThreads) grouped_mm_kernel(const GroupedMmPar
 #pragma unroll
     for (int a = 0; a < 2; ++a) {
       const int row = tr + 16 * a;
-      if (ids_s[row] != g || m0 + row >= p.m) continue;
+      if (shared_load(ids_s + row) != g || m0 + row >= p.m) continue;
 #pragma unroll
       for (int b = 0; b < 4; ++b) {
         const int64_t col = n0 + tc + 16 * b;
@@ -228,10 +230,10 @@ __global__ void __launch_bounds__(kThreads) grouped_mm_kernel(const GroupedMmPar
 // grid (q tiles, p tiles, G). Thread t owns outputs p = p0 + (t / 16) * 4 + {0..3}, q = q0 + (t % 16) * 4 + {0..3}.
 template <typename TV>
 __global__ void __launch_bounds__(kThreads, 2) grouped_reduce_kernel(const GroupedReduceParams p) {
-  __shared__ int rows_s[kRedChunk];
-  __shared__ int warp_count_s[kWarps];
-  __shared__ float p_s[kRedRows][kRedTile];
-  __shared__ float q_s[kRedRows][kRedTile];
+  LORACUDA_SHARED(int, rows_s, kRedChunk);              // the chunk's rows of group g, ascending (offsets in the chunk)
+  LORACUDA_SHARED(int, warp_count_s, kWarps);           // rows of group g per warp of the chunk
+  LORACUDA_SHARED(float, p_s, kRedRows * kRedTile);     // [row][p column]
+  LORACUDA_SHARED(float, q_s, kRedRows * kRedTile);     // [row][q column]
   const int g = blockIdx.z;
   const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kRedTile, p0 = static_cast<int64_t>(blockIdx.y) * kRedTile;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid / 32, tp = tid / 16, tq = tid % 16;
@@ -247,15 +249,16 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_reduce_kernel(const Group
     const int64_t m = c0 + tid;
     const bool mine = m < p.m && group_of(p.ids, m) == g;
     const unsigned ballot = __ballot_sync(0xffffffffu, mine);
-    if (lane == 0) warp_count_s[warp] = __popc(ballot);
+    if (lane == 0) shared_store(warp_count_s + warp, __popc(ballot));
     __syncthreads();
     int offset = 0, count = 0;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) {
-      offset += w < warp ? warp_count_s[w] : 0;
-      count += warp_count_s[w];
+      const int warp_count = shared_load(warp_count_s + w);
+      offset += w < warp ? warp_count : 0;
+      count += warp_count;
     }
-    if (mine) rows_s[offset + __popc(ballot & ((1u << lane) - 1u))] = static_cast<int>(tid);
+    if (mine) shared_store(rows_s + offset + __popc(ballot & ((1u << lane) - 1u)), static_cast<int>(tid));
     __syncthreads();
     for (int r0 = 0; r0 < count; r0 += kRedRows) {
       // Stage kRedRows rows x 64 columns of p_rows and of q_rows (4 + 4 elements per thread).
@@ -264,24 +267,24 @@ __global__ void __launch_bounds__(kThreads, 2) grouped_reduce_kernel(const Group
         const int idx = tid + e * kThreads, i = idx / kRedTile, c = idx % kRedTile;
         float pv = 0.0f, qv = 0.0f;
         if (r0 + i < count) {
-          const int64_t row = c0 + rows_s[r0 + i];
+          const int64_t row = c0 + shared_load(rows_s + r0 + i);
           if (p0 + c < p.p_cols) pv = load_either<TV>(p.p_rows, p.p_float, row * p.p_row_stride + p0 + c);
           if (q0 + c < p.q_cols) {
             qv = apply_dropout(drop, static_cast<uint64_t>(row) * static_cast<uint64_t>(p.q_cols) + q0 + c,
                                load_either<TV>(p.q_rows, p.q_float, row * p.q_row_stride + q0 + c));
           }
         }
-        p_s[i][c] = pv;
-        q_s[i][c] = qv;
+        shared_store(p_s + i * kRedTile + c, pv);
+        shared_store(q_s + i * kRedTile + c, qv);
       }
       __syncthreads();
 #pragma unroll 4
       for (int i = 0; i < kRedRows; ++i) {
         float pv[4], qv[4];
 #pragma unroll
-        for (int a = 0; a < 4; ++a) pv[a] = p_s[i][tp * 4 + a];
+        for (int a = 0; a < 4; ++a) pv[a] = shared_load(p_s + i * kRedTile + tp * 4 + a);
 #pragma unroll
-        for (int b = 0; b < 4; ++b) qv[b] = q_s[i][tq * 4 + b];
+        for (int b = 0; b < 4; ++b) qv[b] = shared_load(q_s + i * kRedTile + tq * 4 + b);
 #pragma unroll
         for (int a = 0; a < 4; ++a) {
 #pragma unroll
@@ -314,8 +317,7 @@ cudaError_t launch_grouped_row_shrink(const GroupedRowShrinkParams& p) {
   return dispatch_value_adapter(p.x_dtype, p.a.dtype, [&](auto tx, auto ta) {
     using TX = typename decltype(tx)::type;
     using TA = typename decltype(ta)::type;
-    grouped_row_shrink_kernel<TX, TA><<<blocks, kThreads, 0, p.stream>>>(p);
-    return cudaGetLastError();
+    return launch_kernel(LORACUDA_KERNEL(grouped_row_shrink_kernel<TX, TA>), blocks, kThreads, p.stream, p);
   });
 }
 
@@ -328,8 +330,7 @@ cudaError_t launch_grouped_row_expand(const GroupedRowExpandParams& p) {
   return dispatch_value_adapter(p.y_dtype, p.b.dtype, [&](auto ty, auto tb) {
     using TY = typename decltype(ty)::type;
     using TB = typename decltype(tb)::type;
-    grouped_row_expand_kernel<TY, TB><<<grid, kThreads, 0, p.stream>>>(p);
-    return cudaGetLastError();
+    return launch_kernel(LORACUDA_KERNEL(grouped_row_expand_kernel<TY, TB>), grid, kThreads, p.stream, p);
   });
 }
 
@@ -340,8 +341,7 @@ cudaError_t launch_grouped_mm(const GroupedMmParams& p) {
   const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(row_tiles));
   return dispatch_dtype(p.dtype, [&](auto t) {
     using T = typename decltype(t)::type;
-    grouped_mm_kernel<T><<<grid, kThreads, 0, p.stream>>>(p);
-    return cudaGetLastError();
+    return launch_kernel(LORACUDA_KERNEL(grouped_mm_kernel<T>), grid, kThreads, p.stream, p);
   });
 }
 
@@ -352,8 +352,7 @@ cudaError_t launch_grouped_reduce(const GroupedReduceParams& p) {
   const dim3 grid(static_cast<unsigned>(q_tiles), static_cast<unsigned>(p_tiles), static_cast<unsigned>(p.ids.groups));
   return dispatch_dtype(p.value_dtype, [&](auto t) {
     using TV = typename decltype(t)::type;
-    grouped_reduce_kernel<TV><<<grid, kThreads, 0, p.stream>>>(p);
-    return cudaGetLastError();
+    return launch_kernel(LORACUDA_KERNEL(grouped_reduce_kernel<TV>), grid, kThreads, p.stream, p);
   });
 }
 

@@ -180,6 +180,9 @@ inline unsigned ballot(unsigned mask, int pred, const char* what, Site site) {
   return bits;
 }
 
+// __popc: the number of set bits (a plain function on the host, as on the device).
+inline int popc(unsigned v) { return __builtin_popcount(v); }
+
 template <typename V>
 inline V ldg(const V* p, Site site) {
   if constexpr (sizeof(V) == 16) check_vector_access(p, "__ldg of 16 bytes", site);
@@ -195,6 +198,7 @@ inline V ldg(const V* p, Site site) {
 #define LORACUDA_EMU_SITE (::loracuda_emu::Site{__FILE__, __LINE__})
 
 #define __syncthreads() ::loracuda_emu::syncthreads(LORACUDA_EMU_SITE)
+#define __popc(v) ::loracuda_emu::popc(v)
 #define __syncthreads_and(pred) ::loracuda_emu::syncthreads_and((pred), LORACUDA_EMU_SITE)
 #define __syncwarp(mask) ::loracuda_emu::syncwarp((mask), LORACUDA_EMU_SITE)
 #define __shfl_sync(mask, v, src) ::loracuda_emu::shfl_from((mask), (v), 0, (src), "__shfl_sync", LORACUDA_EMU_SITE)

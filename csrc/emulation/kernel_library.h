@@ -3,7 +3,7 @@
 #pragma once
 #include "../cuda/params.h"
 
-constexpr int kLoracudaEmulatedKernelsVersion = 1;
+constexpr int kLoracudaEmulatedKernelsVersion = 2;
 
 struct LoracudaEmulatedKernels {
   int version;
@@ -16,6 +16,10 @@ struct LoracudaEmulatedKernels {
   int64_t (*multi_shrink_workspace_floats)(const loracuda::cuda::MultiShrinkParams&);
   cudaError_t (*launch_multi_shrink)(const loracuda::cuda::MultiShrinkParams&);
   cudaError_t (*launch_multi_expand_add)(const loracuda::cuda::MultiExpandParams&);
+  cudaError_t (*launch_grouped_row_shrink)(const loracuda::cuda::GroupedRowShrinkParams&);
+  cudaError_t (*launch_grouped_row_expand)(const loracuda::cuda::GroupedRowExpandParams&);
+  cudaError_t (*launch_grouped_mm)(const loracuda::cuda::GroupedMmParams&);
+  cudaError_t (*launch_grouped_reduce)(const loracuda::cuda::GroupedReduceParams&);
   // One warp: D [16 x 8] = A [16 x 16] B [16 x 8] + C through mma.cuh's mma_m16n8k16 (16-bit bits, fp16 or bf16).
   cudaError_t (*mma_check)(int fp16, const uint16_t* a, const uint16_t* b, const float* c, float* d);
   // block / thread order: 0 forward, 1 reversed, 2 random (seeded).

@@ -103,6 +103,10 @@ cudaError_t launch_backward(const BackwardParams& p) { return kernels().launch_b
 int64_t multi_shrink_workspace_floats(const MultiShrinkParams& p) { return kernels().multi_shrink_workspace_floats(p); }
 cudaError_t launch_multi_shrink(const MultiShrinkParams& p) { return kernels().launch_multi_shrink(p); }
 cudaError_t launch_multi_expand_add(const MultiExpandParams& p) { return kernels().launch_multi_expand_add(p); }
+cudaError_t launch_grouped_row_shrink(const GroupedRowShrinkParams& p) { return kernels().launch_grouped_row_shrink(p); }
+cudaError_t launch_grouped_row_expand(const GroupedRowExpandParams& p) { return kernels().launch_grouped_row_expand(p); }
+cudaError_t launch_grouped_mm(const GroupedMmParams& p) { return kernels().launch_grouped_mm(p); }
+cudaError_t launch_grouped_reduce(const GroupedReduceParams& p) { return kernels().launch_grouped_reduce(p); }
 }  // namespace cuda
 }  // namespace loracuda
 
@@ -157,4 +161,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &loracuda::backward_cuda);
   m.def("multi_shrink", &loracuda::multi_shrink_cuda);
   m.def("multi_expand_add_", &loracuda::multi_expand_add_cuda);
+  m.def("grouped_shrink", &loracuda::grouped_shrink_cuda);
+  m.def("grouped_expand_add_", &loracuda::grouped_expand_add_cuda);
+  m.def("grouped_backward", &loracuda::grouped_backward_cuda);
+  m.def("grouped_mm", &loracuda::grouped_mm_cuda);
+  m.def("grouped_weight_grad", &loracuda::grouped_weight_grad_cuda);
 }
