@@ -85,6 +85,7 @@ inline void check_grouped_expand_args(const at::Tensor& y, const at::Tensor& h, 
   LORACUDA_CHECK_ARG(h.size(0) == y.size(0) && h.size(1) == lora_b.size(2), op, "h", "must be [M, r] = [", y.size(0),
                      ", ", lora_b.size(2), "] (M from 'y', r from 'lora_b'), got shape ", h.sizes());
   check_group_ids(group_ids, y.size(0), y, op, "y");
+  check_written_alone(y, "y", {{"h", &h}, {"lora_b", &lora_b}, {"group_ids", &group_ids}}, op);
 }
 
 // grouped_backward: grad_y [M, N], x [M, K], h [M, r], lora_a [G, r, K], lora_b [G, N, r], grad_x [M, K] or None.
@@ -124,6 +125,10 @@ inline void check_grouped_backward_args(const at::Tensor& grad_y, const at::Tens
     LORACUDA_CHECK_ARG(gx.size(0) == m && gx.size(1) == k, op, "grad_x", "must be [M, K] = [", m, ", ", k,
                        "], got shape ", gx.sizes());
     check_row_major_output(gx, op, "grad_x");
+    check_written_alone(gx, "grad_x",
+                        {{"grad_y", &grad_y}, {"x", &x}, {"h", &h}, {"lora_a", &lora_a}, {"lora_b", &lora_b},
+                         {"group_ids", &group_ids}, {"seed", optional_ptr(seed)}},
+                        op);
   }
 }
 

@@ -1,6 +1,6 @@
 // Autograd kernels of the loracuda ops that write into an argument (expand_add_, merge_, merge_exact_,
-// unmerge_exact_, multi_expand_add_, and backward's grad_x). None of them has a derivative formula, so
-// with grad mode on each applies torch's rules for in-place ops, then redispatches below autograd:
+// unmerge_exact_, multi_expand_add_, grouped_expand_add_, and backward's grad_x). None of them has a
+// derivative formula, so with grad mode on each applies torch's rules for in-place ops, then redispatches below autograd:
 //
 //  - the written tensor may not be a leaf that requires grad, nor a view of one: torch raises "a leaf
 //    Variable that requires grad is being used in an in-place operation", and so do these ops;
@@ -126,6 +126,14 @@ void multi_expand_add_(DispatchKeySet ks, Tensor& y, const Tensor& h, const Tens
   op.redispatch(ks & kBelowAutograd, y, h, lora_b_all, scales, ranks, adapter_ids, slice_offsets);
 }
 
+void grouped_expand_add_(DispatchKeySet ks, Tensor& y, const Tensor& h, const Tensor& lora_b, const Tensor& group_ids,
+                         double scale) {
+  static auto op =
+      find_op<void(Tensor&, const Tensor&, const Tensor&, const Tensor&, double)>("loracuda::grouped_expand_add_");
+  check_grad_rules("grouped_expand_add_", &y, "y", {{"h", &h}, {"lora_b", &lora_b}}, kUseLoraLinear);
+  op.redispatch(ks & kBelowAutograd, y, h, lora_b, group_ids, scale);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(loracuda, Autograd, m) {
@@ -135,6 +143,7 @@ TORCH_LIBRARY_IMPL(loracuda, Autograd, m) {
   m.impl("merge_exact_", TORCH_FN(merge_exact_));
   m.impl("backward", TORCH_FN(backward));
   m.impl("multi_expand_add_", TORCH_FN(multi_expand_add_));
+  m.impl("grouped_expand_add_", TORCH_FN(grouped_expand_add_));
 }
 
 }  // namespace loracuda
