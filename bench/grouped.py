@@ -8,8 +8,9 @@ weights [G, N, K], float32 LoRA factors in PEFT's target_parameters layout (view
 B_flat [N, r*G]); rows in routing order (unsorted) unless --sorted.
 Providers, timed in turns (one call each per round, so load from elsewhere slows all alike):
   grouped    loracuda.grouped_lora_linear forward + backward (gradients for x, A_flat, B_flat)
-  loop       per expert: index_select of its rows, x_e @ W_e^T + scale * (x_e @ A_e^T) @ B_e^T, index_copy_
-             into y; autograd backward (what a per-expert implementation without grouped ops runs)
+  loop       per expert: index_select of its rows, x_e @ W_e^T + scale * (x_e @ A_e^T) @ B_e^T; the results
+             concatenated and put back in row order by one index_copy; autograd backward (what a
+             per-expert implementation without grouped ops runs)
   base_loop  the same loop without the LoRA term (x and nothing else requires grad): the frozen base cost
 Prints the median (p20-p80) per provider in milliseconds and each provider's ratio to grouped.
 """
@@ -24,7 +25,7 @@ import torch  # noqa: E402
 
 import loracuda  # noqa: E402
 from loracuda import ops  # noqa: E402
-from loracuda.benchmarking.timer import TimerConfig, measure_interleaved  # noqa: E402
+from bench.harness.timer import TimerConfig, measure_interleaved  # noqa: E402
 
 TOKENS, TOP_K, G, K, N, R = 512, 8, 64, 512, 512, 16
 SCALE = 2.0
@@ -43,6 +44,8 @@ def providers(device: torch.device, dtype: torch.dtype, sort_rows: bool) -> dict
     a_flat = (torch.randn(R * G, K, generator=g) * K**-0.5).to(device).requires_grad_(True)
     b_flat = (torch.randn(N, R * G, generator=g) * 0.1).to(device).requires_grad_(True)
     rows = [(e, (ids == e).nonzero().flatten()) for e in range(G)]
+    rows = [(e, r) for e, r in rows if r.numel() > 0]
+    order = torch.cat([r for _, r in rows])  # the rows expert by expert
 
     def grouped():
         x = x0.detach().requires_grad_(True)
@@ -55,15 +58,14 @@ def providers(device: torch.device, dtype: torch.dtype, sort_rows: bool) -> dict
         def run():
             x = x0.detach().requires_grad_(True)
             la, lb = ops.grouped_factor_views(a_flat, b_flat, G)
-            y = torch.zeros(m, N, device=device, dtype=dtype)
+            outs = []
             for e, r in rows:
-                if r.numel() == 0:
-                    continue
                 xe = x.index_select(0, r)
                 ye = xe @ w[e].t()
                 if with_lora:
                     ye = ye + SCALE * ((xe.to(la.dtype) @ la[e].t()) @ lb[e].t()).to(dtype)
-                y = y.index_copy(0, r, ye)
+                outs.append(ye)
+            y = torch.zeros(m, N, device=device, dtype=dtype).index_copy(0, order, torch.cat(outs))
             y.backward(dy)
             a_flat.grad = b_flat.grad = None
 

@@ -1,6 +1,6 @@
 // Autograd kernels of the loracuda ops that write into an argument (expand_add_, merge_, merge_exact_,
-// unmerge_exact_, multi_expand_add_, grouped_expand_add_, and backward's grad_x). None of them has a
-// derivative formula, so with grad mode on each applies torch's rules for in-place ops, then redispatches below autograd:
+// unmerge_exact_, multi_expand_add_, grouped_expand_add_, and backward's / grouped_backward's grad_x). None of them has a derivative formula, so
+// with grad mode on each applies torch's rules for in-place ops, then redispatches below autograd:
 //
 //  - the written tensor may not be a leaf that requires grad, nor a view of one: torch raises "a leaf
 //    Variable that requires grad is being used in an in-place operation", and so do these ops;
@@ -126,12 +126,30 @@ void multi_expand_add_(DispatchKeySet ks, Tensor& y, const Tensor& h, const Tens
   op.redispatch(ks & kBelowAutograd, y, h, lora_b_all, scales, ranks, adapter_ids, slice_offsets);
 }
 
+constexpr const char* kUseGroupedLoraLinear =
+    "Use loracuda.grouped_lora_linear (differentiable) for a mixture-of-experts LoRA layer inside a graph, or call "
+    "this op under torch.no_grad() / on detached tensors.";
+
 void grouped_expand_add_(DispatchKeySet ks, Tensor& y, const Tensor& h, const Tensor& lora_b, const Tensor& group_ids,
                          double scale) {
-  static auto op =
-      find_op<void(Tensor&, const Tensor&, const Tensor&, const Tensor&, double)>("loracuda::grouped_expand_add_");
-  check_grad_rules("grouped_expand_add_", &y, "y", {{"h", &h}, {"lora_b", &lora_b}}, kUseLoraLinear);
+  static auto op = find_op<void(Tensor&, const Tensor&, const Tensor&, const Tensor&, double)>(
+      "loracuda::grouped_expand_add_");
+  check_grad_rules("grouped_expand_add_", &y, "y", {{"h", &h}, {"lora_b", &lora_b}}, kUseGroupedLoraLinear);
   op.redispatch(ks & kBelowAutograd, y, h, lora_b, group_ids, scale);
+}
+
+std::tuple<Tensor, Tensor> grouped_backward(DispatchKeySet ks, const Tensor& grad_y, const Tensor& x, const Tensor& h,
+                                            const Tensor& lora_a, const Tensor& lora_b, const Tensor& group_ids,
+                                            double scale, double dropout_p, const std::optional<Tensor>& seed,
+                                            const std::optional<Tensor>& grad_x) {
+  static auto op = find_op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                      const Tensor&, const Tensor&, double, double,
+                                                      const std::optional<Tensor>&, const std::optional<Tensor>&)>(
+      "loracuda::grouped_backward");
+  check_grad_rules("grouped_backward", optional_ptr(grad_x), "grad_x",
+                   {{"grad_y", &grad_y}, {"x", &x}, {"h", &h}, {"lora_a", &lora_a}, {"lora_b", &lora_b}},
+                   kUseGroupedLoraLinear);
+  return op.redispatch(ks & kBelowAutograd, grad_y, x, h, lora_a, lora_b, group_ids, scale, dropout_p, seed, grad_x);
 }
 
 }  // namespace
@@ -144,6 +162,7 @@ TORCH_LIBRARY_IMPL(loracuda, Autograd, m) {
   m.impl("backward", TORCH_FN(backward));
   m.impl("multi_expand_add_", TORCH_FN(multi_expand_add_));
   m.impl("grouped_expand_add_", TORCH_FN(grouped_expand_add_));
+  m.impl("grouped_backward", TORCH_FN(grouped_backward));
 }
 
 }  // namespace loracuda

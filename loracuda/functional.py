@@ -134,7 +134,8 @@ def grouped_lora_linear(
     p = float(dropout_p) if training else 0.0
     seed_t = None
     if p > 0.0:
-        seed_t = new_seed(x.device) if seed is None else ops.seed_tensor(seed, x.device)
+        # As in lora_linear: an int seed stays a CPU tensor (no host-to-device copy, no synchronisation).
+        seed_t = new_seed(x.device) if seed is None else ops.seed_tensor(seed)
     device_type = x.device.type
     if _autocast_enabled(device_type):
         x, weight, _ = autocast_inputs(x, weight, None)

@@ -342,8 +342,11 @@ def test_grouped_lora_linear(device_name, case):
         b_flat = cast(b).detach().requires_grad_(True)
         y = fn(x, w, a_flat, b_flat)
         dy = cast(draw(case, "dy", (case.m, case.n), case.dtype).to(device=device, dtype=case.dtype))
-        y.backward(dy)
-        return y, x.grad, w.grad, a_flat.grad, b_flat.grad
+        if y.requires_grad:  # the reference's y depends on no input when no row has a group
+            y.backward(dy)
+        leaves = (x, w, a_flat, b_flat)
+        grads = [t.grad if t.grad is not None or not t.requires_grad else torch.zeros_like(t) for t in leaves]
+        return (y, *grads)
 
     def ours(x, w, a, b):
         with poisoned_allocations():
@@ -352,9 +355,9 @@ def test_grouped_lora_linear(device_name, case):
     def ref(x, w, a, b):
         return reference.grouped_lora_linear(x, w, a, b, ids, case.scale, case.p, seed)
 
-    got = run(ours, lambda t: t)
-    plain = run(ref, lambda t: t)
-    ref64 = run(ref, to64)
+    got = [t.detach() if t is not None else None for t in run(ours, lambda t: t)]
+    plain = [t.detach() if t is not None else None for t in run(ref, lambda t: t)]
+    ref64 = [t.detach() if t is not None else None for t in run(ref, to64)]
     for i, what in enumerate(("y", "grad_x", "grad_weight", "grad_a", "grad_b")):
         if got[i] is None:
             assert what == "grad_weight" and not weight_grad, f"{what} missing"
@@ -379,7 +382,11 @@ def test_grid_covers_the_contract():
     assert any(c.p > 0 for c in CASES) and any(c.exact and c.dtype != F64 for c in CASES)
     assert any(c.k % 8 and c.n % 8 for c in CASES)
     # groups of more than one backward item (256 rows), sorted and unsorted
-    big = [c for c in CASES if c.m > 0 and int(torch.bincount(group_ids(c)[group_ids(c) >= 0]).max()) > 256]
+    def largest_group(c):
+        ids = group_ids(c)
+        return int(torch.bincount(ids[ids >= 0], minlength=1).max())
+
+    big = [c for c in CASES if largest_group(c) > 256]
     assert {c.ids for c in big} >= {"sorted", "random"}
     assert any(_empty_groups(group_ids(c), c.groups) and c.m > 0 for c in CASES)
 
@@ -462,7 +469,7 @@ def test_repeatable_across_thread_counts(dtype, ids_kind):
 
 # ---- opcheck and torch.compile ----------------------------------------------------------------------
 
-OPCHECK_CASES = [c for c in CASES if 0 < c.m <= 300 and c.groups <= 8][::4]
+OPCHECK_CASES = [c for c in CASES if 0 < c.m <= 300 and c.groups <= 8][::5]
 
 
 @pytest.mark.parametrize("device_name, case", _params(OPCHECK_CASES))

@@ -187,6 +187,31 @@ def _lora_linear(seed=None, autocast=False):
     return build
 
 
+def _grouped_lora_linear(seed=None):
+    """loracuda.grouped_lora_linear forward and backward (PEFT-layout factor views, ids with -1 and an
+    empty group, dropout): the ids are never read on the host on CUDA."""
+
+    def build(device, tmp_path):
+        g = torch.Generator().manual_seed(6)
+        m, k, n, r, groups = 61, 96, 80, 8, 5
+        x = _randn(g, m, k, device=device, dtype=torch.bfloat16).requires_grad_(True)
+        w = _randn(g, groups, n, k, device=device, dtype=torch.bfloat16, scale=k**-0.5)
+        a_flat = _randn(g, r * groups, k, device=device, scale=k**-0.5).requires_grad_(True)
+        b_flat = _randn(g, n, r * groups, device=device, scale=0.1).requires_grad_(True)
+        ids = (torch.arange(m) % 6 - 1).masked_fill(torch.arange(m) % 6 == 3, 0).to(device)  # -1..4, group 2 empty
+        dy = _randn(g, m, n, device=device, dtype=torch.bfloat16)
+
+        def run():
+            la, lb = ops.grouped_factor_views(a_flat, b_flat, groups)
+            y = loracuda.grouped_lora_linear(x, w, la, lb, ids, 2.0, dropout_p=0.1, training=True, seed=seed)
+            y.backward(dy)
+            return y.detach(), x.grad, a_flat.grad, b_flat.grad
+
+        return run
+
+    return build
+
+
 def _injected_model(device, tmp_path):
     """A model with LoRALinear layers (dropout, training): forward, loss and backward."""
     model = mlp(device=device)
@@ -265,6 +290,8 @@ SYNC_FREE = {
     "lora_linear fwd+bwd, drawn seed": _lora_linear(),
     "lora_linear fwd+bwd, int seed": _lora_linear(seed=7),
     "lora_linear fwd+bwd, autocast": _lora_linear(autocast=True),
+    "grouped_lora_linear fwd+bwd, drawn seed": _grouped_lora_linear(),
+    "grouped_lora_linear fwd+bwd, int seed": _grouped_lora_linear(seed=7),
     "LoRALinear model fwd+bwd": _injected_model,
     "AdapterPool.batch with cpu ids + forward": _pool_batch_with_cpu_ids,
     "pooled forward, ids validated": _pooled_forward,
