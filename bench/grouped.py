@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 import loracuda  # noqa: E402
 from loracuda import ops  # noqa: E402
-from loracuda.benchmarking.timer import TimerConfig, measure_interleaved  # noqa: E402
+from bench.harness.timer import TimerConfig, measure_interleaved  # noqa: E402
 
 TOKENS, TOP_K, G, K, N, R = 512, 8, 64, 512, 512, 16
 SCALE = 2.0

@@ -30,8 +30,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import loracuda  # noqa: E402
-from loracuda.benchmarking import memory  # noqa: E402
-from loracuda.benchmarking.timer import ratio_quantiles  # noqa: E402
+from bench.harness import memory  # noqa: E402
+from bench.harness.timer import ratio_quantiles  # noqa: E402
 
 GOAL = 1.15
 RANK, ALPHA = 16, 32

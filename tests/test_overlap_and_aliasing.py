@@ -351,7 +351,71 @@ def test_multi_expand_add_and_backward_refuse_grad_inputs():
         ops.backward(y, x.detach(), reference.shrink(x.detach(), a), a, b, 1.0, grad_x=gx)
 
 
-# ---- the grouped ops' written arguments (grouped_expand_add_'s y, grouped_backward's grad_x) -------
+# ---- the grouped (mixture-of-experts) ops follow the same rules ----------------------------------
+
+G_GROUPS, G_N, G_K, G_R, G_M = 3, 8, 6, 2, 5
+
+
+def _group_ids():
+    return torch.tensor([0, 1, 2, 0, -1], dtype=torch.int64)
+
+
+def test_grouped_expand_add_y_aliasing_lora_b_is_refused():
+    lora_b = randn(G_GROUPS, G_N, G_R, seed=70)
+    y = lora_b.view(-1)[: G_M * G_N].view(G_M, G_N)
+    h = randn(G_M, G_R, seed=71)
+    raises_unchanged(
+        ValueError,
+        "loracuda.grouped_expand_add_: argument 'lora_b' shares memory with 'y'",
+        lambda: ops.grouped_expand_add_(y, h, lora_b, _group_ids(), 1.0),
+        lora_b=lora_b,
+        h=h,
+    )
+
+
+def test_grouped_expand_add_y_aliasing_group_ids_is_refused():
+    y = torch.zeros(G_M, G_N, dtype=torch.float64)
+    ids = y.view(torch.int64).view(-1)[:G_M]  # all zeros: valid ids that live in y's bytes
+    h, lora_b = randn(G_M, G_R, dtype=torch.float64, seed=72), randn(G_GROUPS, G_N, G_R, dtype=torch.float64, seed=73)
+    raises_unchanged(
+        ValueError,
+        "loracuda.grouped_expand_add_: argument 'group_ids' shares memory with 'y'",
+        lambda: ops.grouped_expand_add_(y, h, lora_b, ids, 1.0),
+        y=y,
+    )
+
+
+def test_grouped_backward_grad_x_aliasing_x_is_refused():
+    x = randn(G_M, G_K, seed=74)
+    a, b = randn(G_GROUPS, G_R, G_K, seed=75), randn(G_GROUPS, G_N, G_R, seed=76)
+    h = ops.grouped_shrink(x, a, _group_ids())
+    raises_unchanged(
+        ValueError,
+        "loracuda.grouped_backward: argument 'x' shares memory with 'grad_x'",
+        lambda: ops.grouped_backward(randn(G_M, G_N, seed=77), x, h, a, b, _group_ids(), 1.0, grad_x=x),
+        x=x,
+    )
+
+
+def test_grouped_expand_add_on_leaf_y_requiring_grad_raises():
+    y = torch.zeros(G_M, G_N, requires_grad=True)
+    h, lora_b = randn(G_M, G_R, seed=78), randn(G_GROUPS, G_N, G_R, seed=79)
+    raises_unchanged(
+        RuntimeError, f"loracuda.grouped_expand_add_: {LEAF}",
+        lambda: ops.grouped_expand_add_(y, h, lora_b, _group_ids(), 1.0), y=y,
+    )
+
+
+def test_grouped_expand_add_in_a_graph_refuses_missing_gradients():
+    y = torch.zeros(G_M, G_N)
+    h = randn(G_M, G_R, seed=80).requires_grad_(True)
+    lora_b = randn(G_GROUPS, G_N, G_R, seed=81)
+    raises_unchanged(
+        RuntimeError, "loracuda.grouped_expand_add_ is not differentiable, but argument 'h' requires grad",
+        lambda: ops.grouped_expand_add_(y, h, lora_b, _group_ids(), 1.0), y=y,
+    )
+    with torch.no_grad():
+        ops.grouped_expand_add_(y, h, lora_b, _group_ids(), 1.0)  # allowed outside a graph
 
 
 def _grouped_ids(m, groups=2):
@@ -376,23 +440,6 @@ def test_grouped_expand_add_h_aliasing_y_is_refused():
                      lambda: ops.grouped_expand_add_(y, h, lb, _grouped_ids(6), 1.0), y=y, lb=lb)
 
 
-def test_grouped_expand_add_y_aliasing_lora_b_is_refused():
-    y = randn(8, 4, seed=44)
-    lb = y.view(2, 4, 4)  # lora_b [G=2, N=4, r=4] on y's own storage
-    h = randn(8, 4, seed=45)
-    raises_unchanged(ValueError, "loracuda.grouped_expand_add_: argument 'lora_b' shares memory with 'y'",
-                     lambda: ops.grouped_expand_add_(y, h, lb, _grouped_ids(8), 1.0), y=y, h=h)
-
-
-def test_grouped_expand_add_y_aliasing_group_ids_is_refused():
-    ids = torch.zeros(5, dtype=torch.long)
-    y = ids.view(torch.float64).view(5, 1)  # float64 y over the id bytes (zeros read as 0.0)
-    h = torch.randn(5, 2, generator=gen(46), dtype=torch.float64)
-    lb = torch.randn(1, 1, 2, generator=gen(47), dtype=torch.float64)
-    raises_unchanged(ValueError, "loracuda.grouped_expand_add_: argument 'group_ids' shares memory with 'y'",
-                     lambda: ops.grouped_expand_add_(y, h, lb, ids, 1.0), ids=ids, h=h, lb=lb)
-
-
 def test_grouped_expand_add_disjoint_column_slices_are_accepted():
     # y and h as disjoint column slices of one float32 buffer: allowed, and the result is the reference's.
     m, n, r = 6, 8, 2
@@ -413,12 +460,6 @@ def _grouped_backward_args(dtype=torch.float32, m=6, k=8, n=4, r=2):
     ids = _grouped_ids(m)
     h = ops.grouped_shrink(x, a, ids)
     return gy, x, h, a, b, ids
-
-
-def test_grouped_backward_grad_x_aliasing_x_is_refused():
-    gy, x, h, a, b, ids = _grouped_backward_args()
-    raises_unchanged(ValueError, "loracuda.grouped_backward: argument 'x' shares memory with 'grad_x'",
-                     lambda: ops.grouped_backward(gy, x, h, a, b, ids, 1.0, grad_x=x), x=x, gy=gy, a=a, b=b, h=h)
 
 
 def test_grouped_backward_grad_x_aliasing_grad_y_is_refused():

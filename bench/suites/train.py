@@ -1,5 +1,7 @@
 """The `train` suite: one LoRA training step (forward, backward, AdamW on the LoRA factors) of a
-Llama-style model, loracuda beside PEFT and the plain-PyTorch reference layer.
+Llama-style model, loracuda beside PEFT and the plain-PyTorch reference layer; "peft+loracuda" is
+PEFT's model with its LoRA layers run by loracuda (loracuda.apply_to_peft), the route of PEFT, TRL and
+Trainer users.
 
 The model is loracuda's built-in byte-level Llama (loracuda.tiny_llama; its linear layers are named as
 in Llama), so the suite needs no download and no transformers. Full size: hidden 1024, intermediate
@@ -55,6 +57,11 @@ def build_models(s: dict, p: float, device: torch.device, dtype: torch.dtype, wi
         )
         _copy_factors(models["loracuda"], theirs)
         models["peft"] = theirs
+        # The PEFT route: the same PeftModel with its LoRA layers computed by loracuda (apply_to_peft).
+        from loracuda.integrations.peft import apply_to_peft
+
+        models["peft+loracuda"] = copy.deepcopy(theirs)
+        apply_to_peft(models["peft+loracuda"])
     if with_reference:
         models["reference"] = copy.deepcopy(models["loracuda"])
     for model in models.values():

@@ -33,7 +33,7 @@ def to_peft(model: nn.Module, *, accelerate: bool = True):
     loracuda's kernels (apply_to_peft). Refuses a model with merged adapters (unmerge first)."""
     import peft
 
-    from ..inject import CONFIGS_ATTR, _set_module, active_adapters, adapter_paths, configs, lora_layers
+    from ..inject import CONFIGS_ATTR, active_adapters, adapter_paths, configs, lora_layers
 
     table = configs(model)
     layers = dict(lora_layers(model))
@@ -48,7 +48,7 @@ def to_peft(model: nn.Module, *, accelerate: bool = True):
     for key in ("save_pretrained", "_loracuda_save_guard", CONFIGS_ATTR):
         view.__dict__.pop(key, None)
     for path, layer in list(lora_layers(view)):
-        _set_module(view, path, layer.base_layer)
+        view.set_submodule(path, layer.base_layer)
     names = list(table)
     paths = {n: adapter_paths(model, n) for n in names}
     pm = peft.get_peft_model(view, _peft_config(table[names[0]], paths[names[0]]), adapter_name=names[0],
