@@ -33,7 +33,7 @@ TORCH_LIBRARY(loracuda, m) {
   // for the original weight, escape_values = the original values of the code-3 elements in flat-index
   // order, 1-D in the weight's dtype). If codes bytes + escapes * element bytes > max_record_bytes
   // (negative: no limit) it raises ValueError naming 'max_record_bytes' and leaves the weight bit for
-  // bit as it was. The CUDA kernel synchronises with the host once (the number of escapes).
+  // bit as it was. The CUDA kernel synchronises with the host: the number of escapes sizes its outputs.
   m.def(
       "merge_exact_(Tensor(a!) weight, Tensor lora_a, Tensor lora_b, float scale, bool transposed, "
       "int max_record_bytes) -> (Tensor, Tensor)");

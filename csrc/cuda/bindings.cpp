@@ -223,7 +223,7 @@ void unmerge_exact_cuda(Tensor& weight, const Tensor& lora_a, const Tensor& lora
   if (pos.defined() && pos.numel() > 0) weight.view(-1).index_put_({pos}, *escape_values);
 }
 
-// restore_codes, then the escapes located and saved (one host synchronisation, for their number),
+// restore_codes, then the escapes located and saved (host synchronisations: their number sizes the outputs),
 // the record size checked, then merge_: the weight is written only after every check has passed.
 std::tuple<Tensor, Tensor> merge_exact_cuda(Tensor& weight, const Tensor& lora_a, const Tensor& lora_b, double scale,
                                             bool transposed, int64_t max_record_bytes) {
