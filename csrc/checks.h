@@ -329,6 +329,21 @@ inline void check_record_bytes(int64_t code_bytes, int64_t escapes, int64_t elem
                      " code-3 elements * ", element_bytes, " bytes); the weight is unchanged");
 }
 
+// grad_x [M, K] of a backward op, written in place: x's dtype, device and shape, rows of unit stride,
+// and no memory shared with itself or with any of ``inputs`` (the tensors the op reads).
+inline void check_grad_x(const at::Tensor& gx, const at::Tensor& x, std::initializer_list<NamedTensor> inputs,
+                         const char* op) {
+  const int64_t m = x.size(0), k = x.size(1);
+  check_dim(gx, 2, op, "grad_x", "[M, K]");
+  LORACUDA_CHECK_ARG_TYPE(gx.scalar_type() == x.scalar_type(), op, "grad_x", "must have the dtype of 'x' (",
+                          x.scalar_type(), "), got ", gx.scalar_type());
+  check_same_device(gx, x, op, "grad_x", "x");
+  LORACUDA_CHECK_ARG(gx.size(0) == m && gx.size(1) == k, op, "grad_x", "must be [M, K] = [", m, ", ", k,
+                     "], got shape ", gx.sizes());
+  check_row_major_output(gx, op, "grad_x");
+  check_written_alone(gx, "grad_x", inputs, op);
+}
+
 // backward: grad_y [M, N], x [M, K], h [M, R], lora_a [R, K], lora_b [N, r], grad_x [M, K] or None.
 // Returns the slice offsets.
 inline std::vector<int64_t> check_backward_args(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& h,
@@ -370,18 +385,10 @@ inline std::vector<int64_t> check_backward_args(const at::Tensor& grad_y, const 
                      lora_b.size(1), " rows, got shape ", lora_a.sizes());
   check_dropout(dropout_p, seed, x, op);
   if (grad_x.has_value()) {
-    const at::Tensor& gx = *grad_x;
-    check_dim(gx, 2, op, "grad_x", "[M, K]");
-    LORACUDA_CHECK_ARG_TYPE(gx.scalar_type() == x.scalar_type(), op, "grad_x", "must have the dtype of 'x' (",
-                            x.scalar_type(), "), got ", gx.scalar_type());
-    check_same_device(gx, x, op, "grad_x", "x");
-    LORACUDA_CHECK_ARG(gx.size(0) == m && gx.size(1) == k, op, "grad_x", "must be [M, K] = [", m, ", ", k,
-                       "], got shape ", gx.sizes());
-    check_row_major_output(gx, op, "grad_x");
-    check_written_alone(gx, "grad_x",
-                        {{"grad_y", &grad_y}, {"x", &x}, {"h", &h}, {"lora_a", &lora_a}, {"lora_b", &lora_b},
-                         {"seed", optional_ptr(seed)}},
-                        op);
+    check_grad_x(*grad_x, x,
+                 {{"grad_y", &grad_y}, {"x", &x}, {"h", &h}, {"lora_a", &lora_a}, {"lora_b", &lora_b},
+                  {"seed", optional_ptr(seed)}},
+                 op);
   }
   return offsets;
 }

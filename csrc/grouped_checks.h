@@ -119,18 +119,10 @@ inline void check_grouped_backward_args(const at::Tensor& grad_y, const at::Tens
   check_finite_scalar(scale, op, "scale");
   check_dropout(dropout_p, seed, x, op);
   if (grad_x.has_value()) {
-    const at::Tensor& gx = *grad_x;
-    check_dim(gx, 2, op, "grad_x", "[M, K]");
-    LORACUDA_CHECK_ARG_TYPE(gx.scalar_type() == x.scalar_type(), op, "grad_x", "must have the dtype of 'x' (",
-                            x.scalar_type(), "), got ", gx.scalar_type());
-    check_same_device(gx, x, op, "grad_x", "x");
-    LORACUDA_CHECK_ARG(gx.size(0) == m && gx.size(1) == k, op, "grad_x", "must be [M, K] = [", m, ", ", k,
-                       "], got shape ", gx.sizes());
-    check_row_major_output(gx, op, "grad_x");
-    check_written_alone(gx, "grad_x",
-                        {{"grad_y", &grad_y}, {"x", &x}, {"h", &h}, {"lora_a", &lora_a}, {"lora_b", &lora_b},
-                         {"group_ids", &group_ids}, {"seed", optional_ptr(seed)}},
-                        op);
+    check_grad_x(*grad_x, x,
+                 {{"grad_y", &grad_y}, {"x", &x}, {"h", &h}, {"lora_a", &lora_a}, {"lora_b", &lora_b},
+                  {"group_ids", &group_ids}, {"seed", optional_ptr(seed)}},
+                 op);
   }
 }
 
